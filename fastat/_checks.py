@@ -1,0 +1,106 @@
+"""Input validation shared by every op: clear errors that name the argument and what was expected.
+
+Value checks on tensors (negative or non-finite radius, ...) need a device-to-host read, so they
+are skipped while torch.compile traces or a CUDA graph is being captured; shape, dtype and device
+checks always run.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+Coef = Union[float, torch.Tensor]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_tensor(name: str, x, *, min_ndim: int = 1) -> torch.Tensor:
+    """A floating-point tensor with a leading batch dimension."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), got {x.dtype}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} must have a leading batch dimension (at least {min_ndim}-d), got shape {tuple(x.shape)}")
+    return x
+
+
+def check_like(name: str, x, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    """`x` is a floating tensor with the same shape and device as `ref`."""
+    check_tensor(name, x)
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; put them on one device")
+    return x
+
+
+def values_checkable() -> bool:
+    """False while tracing or capturing, where reading tensor values would sync or break the graph."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def per_sample(
+    name: str,
+    value,
+    batch: int,
+    device: torch.device,
+    *,
+    nonnegative: bool = False,
+    positive: bool = False,
+    finite: bool = True,
+) -> Optional[Coef]:
+    """A per-sample coefficient: a Python number, a 0-d tensor, or a tensor of `batch` elements.
+
+    Returns a float, or a floating tensor of shape [batch] on `device` (0-d tensors are expanded).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor of shape [B]={[batch]}, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the data is on {device}")
+        if value.ndim == 0:
+            value = value.expand(batch)
+        elif value.numel() != batch or any(s != 1 for s in value.shape[1:]):
+            raise ValueError(
+                f"{name} must be a float or have one value per sample (shape [{batch}]), got shape {tuple(value.shape)}"
+            )
+        value = value.reshape(batch)
+        if values_checkable() and value.numel():
+            detached = value.detach()
+            if finite and not bool(torch.isfinite(detached).all()):
+                raise ValueError(f"{name} must be finite, got non-finite values")
+            if positive and not bool((detached > 0).all()):
+                raise ValueError(f"{name} must be > 0, got min {detached.min().item():g}")
+            if nonnegative and not bool((detached >= 0).all()):
+                raise ValueError(f"{name} must be >= 0, got min {detached.min().item():g}")
+        return value
+    value = float(value)
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_batch(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.shape[0] != ref.shape[0]:
+        raise ValueError(f"{name} has batch size {x.shape[0]} but {ref_name} has {ref.shape[0]}")

@@ -1,0 +1,111 @@
+"""Per-op kernel registry and selection.
+
+Each op family registers, per backend, the dotted path of a callable with the same signature as
+its reference. The module is imported on first use, so importing fastat never imports triton or a
+compiled extension. A kernel may carry an `unsupported(*args, **kwargs) -> str | None` attribute
+(set with `refuses_when`) that says why it cannot run one particular call.
+
+The backend is chosen *before* autograd records anything: `select` returns the callable and the
+op's public function calls it, so the chosen kernel's own autograd is what gets recorded.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ._backend import BackendUnavailableError, backend_status, device_refusal, get_backend
+
+_REGISTRY: Dict[str, Dict[str, str]] = {}
+_LOADED: Dict[Tuple[str, str], Callable] = {}
+_WARNED: set = set()
+
+# Order tried by "auto" per device type before the reference. Kernel libraries can reorder this
+# per op from measurements (see `set_auto_order`).
+_AUTO_ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
+_AUTO_ORDER_PER_OP: Dict[Tuple[str, str], Tuple[str, ...]] = {}
+
+
+def register_kernel(op: str, backend: str, target: str) -> None:
+    """Register `target` ("package.module:function") as `op`'s kernel on `backend`."""
+    _REGISTRY.setdefault(op, {})[backend] = target
+
+
+def refuses_when(check: Callable[..., Optional[str]]) -> Callable[[Callable], Callable]:
+    """Decorator for a kernel: `check(*args, **kwargs)` returns why a call is unsupported, or None."""
+
+    def wrap(fn: Callable) -> Callable:
+        fn.unsupported = check
+        return fn
+
+    return wrap
+
+
+def set_auto_order(device_type: str, order: Tuple[str, ...], op: Optional[str] = None) -> None:
+    """Backends "auto" tries (before the reference) for `device_type`, for all ops or one op."""
+    if op is None:
+        _AUTO_ORDER[device_type] = tuple(order)
+    else:
+        _AUTO_ORDER_PER_OP[(op, device_type)] = tuple(order)
+
+
+def registered_backends(op: str) -> List[str]:
+    return sorted(_REGISTRY.get(op, {}))
+
+
+def registered_ops() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def _load(op: str, backend: str) -> Callable:
+    key = (op, backend)
+    if key not in _LOADED:
+        module_name, attr = _REGISTRY[op][backend].split(":")
+        _LOADED[key] = getattr(importlib.import_module(module_name), attr)
+    return _LOADED[key]
+
+
+def _refusal(op: str, backend: str, device_type: str, args, kwargs) -> Optional[str]:
+    """Why `backend` cannot run this call of `op`, or None."""
+    if backend not in _REGISTRY.get(op, {}):
+        return f"backend {backend!r} has no kernel for {op}"
+    ok, why = backend_status(backend)
+    if not ok:
+        return why
+    why = device_refusal(backend, device_type)
+    if why is not None:
+        return why
+    check = getattr(_load(op, backend), "unsupported", None)
+    return check(*args, **kwargs) if check is not None else None
+
+
+def select(op: str, device: torch.device, *args, **kwargs) -> Callable:
+    """The kernel that runs this call of `op` on `device` under the current backend choice."""
+    requested = get_backend()
+    if requested != "auto":
+        why = _refusal(op, requested, device.type, args, kwargs)
+        if why is not None:
+            raise BackendUnavailableError(f"fastat.{op}: backend {requested!r} cannot run this call: {why}")
+        return _load(op, requested)
+    order = _AUTO_ORDER_PER_OP.get((op, device.type), _AUTO_ORDER.get(device.type, ()))
+    reasons = []
+    for backend in order:
+        if backend not in _REGISTRY.get(op, {}) or not backend_status(backend)[0]:
+            continue  # not built or not installed here: the reference is the expected path
+        why = _refusal(op, backend, device.type, args, kwargs)
+        if why is None:
+            return _load(op, backend)
+        reasons.append(f"{backend}: {why}")
+    if reasons:
+        message = f"fastat.{op}: falling back to the torch reference ({'; '.join(reasons)})"
+        if message not in _WARNED:
+            _WARNED.add(message)
+            warnings.warn(message, stacklevel=3)
+    return _load(op, "torch")
+
+
+def call(op: str, device: torch.device, *args, **kwargs):
+    """Select the kernel for this call and run it."""
+    return select(op, device, *args, **kwargs)(*args, **kwargs)
