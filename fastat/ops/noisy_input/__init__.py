@@ -52,5 +52,7 @@ def q_sample(
     if not isinstance(timesteps, torch.Tensor):
         raise TypeError(f"timesteps must be an integer tensor of shape [B], got {type(timesteps).__name__}")
     check_batch("timesteps", timesteps.reshape(-1), "x0", x0)
+    if timesteps.device != x0.device:
+        raise ValueError(f"timesteps is on {timesteps.device} but x0 is on {x0.device}; put them on one device")
     alpha, sigma = alpha_sigma(alphas_cumprod, timesteps)
     return noisy_input(x0, noise, alpha.to(x0.device), sigma.to(x0.device), delta)
