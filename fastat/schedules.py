@@ -75,6 +75,8 @@ def karras_sigmas(
         raise ValueError(f"num_steps must be >= 2, got {num_steps}")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0, got {rho}")
     ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (lo + ramp * (hi - lo)) ** rho
@@ -104,6 +106,8 @@ def ict_num_steps(training_step: int, total_steps: int, s0: int = 10, s1: int = 
     K' = floor(K / (log2(floor(s1/s0)) + 1))."""
     if total_steps < 1 or training_step < 0:
         raise ValueError(f"need total_steps >= 1 and training_step >= 0, got {total_steps}, {training_step}")
+    if not 1 <= s0 <= s1:
+        raise ValueError(f"need 1 <= s0 <= s1, got s0={s0}, s1={s1}")
     k_prime = max(math.floor(total_steps / (math.log2(s1 // s0) + 1)), 1)
     return min(s0 * 2 ** (training_step // k_prime), s1) + 1
 
@@ -132,5 +136,5 @@ def sample_ict_indices(
 
 
 def _check_num_timesteps(num_timesteps: int) -> None:
-    if not isinstance(num_timesteps, int) or num_timesteps < 1:
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
