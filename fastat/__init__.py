@@ -10,6 +10,7 @@ from .ops.losses import consistency_distance, equivariance_regularizer, equivari
 from .ops.noisy_input import noisy_input, q_sample
 from .ops.perturbation import per_sample_norm, pgd_step, random_perturbation, rms_radius
 from .schedules import alpha_sigma
+from .training import EDMAdvLoss, FreeReplay, GuidedDiffusionAdvLosses, consistency_adv_loss, diffusion_adv_loss
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,9 @@ __all__ = [
     "schedules",
     "set_backend",
     "use_backend",
+    "diffusion_adv_loss",
+    "FreeReplay",
+    "consistency_adv_loss",
+    "GuidedDiffusionAdvLosses",
+    "EDMAdvLoss",
 ]
