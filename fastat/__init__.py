@@ -7,6 +7,7 @@ import torch  # noqa: F401  (compiled extensions need libtorch loaded first)
 from . import schedules
 from ._backend import BACKENDS, BackendUnavailableError, backend_status, get_backend, set_backend, use_backend
 from .ops.losses import consistency_distance, equivariance_regularizer, equivariant_mse
+from .ops.noise import SeededNoise, gaussian_noise
 from .ops.noisy_input import noisy_input, q_sample
 from .ops.perturbation import per_sample_norm, pgd_step, random_perturbation, rms_radius
 from .schedules import alpha_sigma
@@ -17,11 +18,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "SeededNoise",
     "alpha_sigma",
     "backend_status",
     "consistency_distance",
     "equivariance_regularizer",
     "equivariant_mse",
+    "gaussian_noise",
     "get_backend",
     "noisy_input",
     "per_sample_norm",

@@ -8,14 +8,17 @@ import torch
 from ... import _dispatch
 from ..._checks import check_batch, check_like, check_tensor, per_sample
 from ..._shapes import Coef
+from ..noise import Noise, check_noise
 from ...schedules import alpha_sigma
 
 _dispatch.register_kernel("noisy_input", "torch", "fastat.ops.noisy_input.reference:noisy_input")
+_dispatch.register_kernel("noisy_input", "cpp", "fastat.ops.noisy_input.cpp_kernels:noisy_input")
+_dispatch.register_kernel("noisy_input", "triton", "fastat.ops.noisy_input.triton_kernels:noisy_input")
 
 
 def noisy_input(
     x0: torch.Tensor,
-    noise: torch.Tensor,
+    noise: Noise,
     alpha: Coef,
     sigma: Coef,
     delta: Optional[torch.Tensor] = None,
@@ -25,9 +28,11 @@ def noisy_input(
     x0, noise, delta: [B, ...] (any rank, any layout), fp32/fp16/bf16/fp64; accumulation in fp32.
     alpha, sigma: floats or per-sample tensors of shape [B]. The result has the promoted dtype of
     x0, noise and delta (a bf16 x0 with an fp32 delta gives fp32, so the perturbation is not rounded).
+    noise may be a `fastat.SeededNoise(seed, offset)`: the fp32 noise gaussian_noise(x0, seed, offset),
+    regenerated in-kernel by the Triton backend instead of read (it is left out of the dtype promotion).
     """
     check_tensor("x0", x0)
-    check_like("noise", noise, "x0", x0)
+    check_noise("noise", noise, "x0", x0)
     if delta is not None:
         check_like("delta", delta, "x0", x0)
     batch = x0.shape[0]

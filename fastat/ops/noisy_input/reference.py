@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from ..._shapes import Coef, column, compute_dtype
+from ..noise import materialize
 
 
 def output_dtype(x0: torch.Tensor, noise: torch.Tensor, delta: Optional[torch.Tensor]) -> torch.dtype:
@@ -13,9 +14,11 @@ def output_dtype(x0: torch.Tensor, noise: torch.Tensor, delta: Optional[torch.Te
     return dtype if delta is None else torch.promote_types(dtype, delta.dtype)
 
 
-def noisy_input(x0: torch.Tensor, noise: torch.Tensor, alpha: Coef, sigma: Coef, delta: Optional[torch.Tensor] = None):
+def noisy_input(x0: torch.Tensor, noise, alpha: Coef, sigma: Coef, delta: Optional[torch.Tensor] = None):
+    dtype = output_dtype(x0, noise if isinstance(noise, torch.Tensor) else x0, delta)  # seeded noise: not promoted
+    noise = materialize(noise, x0)
     acc = compute_dtype(x0, noise, delta)
     out = column(alpha, x0) * x0.to(acc) + column(sigma, x0) * noise.to(acc)
     if delta is not None:
         out = out + delta.to(acc)
-    return out.to(output_dtype(x0, noise, delta))
+    return out.to(dtype)

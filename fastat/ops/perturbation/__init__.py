@@ -22,7 +22,10 @@ INITS = ("uniform", "normal", "zero")
 RADIUS_MODES = ("abs", "rms")
 
 _dispatch.register_kernel("pgd_step", "torch", "fastat.ops.perturbation.reference:pgd_step")
+_dispatch.register_kernel("pgd_step", "cpp", "fastat.ops.perturbation.cpp_kernels:pgd_step")
 _dispatch.register_kernel("random_perturbation", "torch", "fastat.ops.perturbation.reference:random_perturbation")
+_dispatch.register_kernel("pgd_step", "triton", "fastat.ops.perturbation.triton_kernels:pgd_step")
+_dispatch.register_kernel("random_perturbation", "triton", "fastat.ops.perturbation.triton_kernels:random_perturbation")
 
 
 def rms_radius(r: Coef, like: torch.Tensor) -> Coef:
@@ -44,7 +47,8 @@ def pgd_step(
     norm: str = "l2",
     normalize: bool = True,
     radius_mode: str = "abs",
-) -> torch.Tensor:
+    model_input_base: Optional[torch.Tensor] = None,
+):
     """One projected ascent step on a per-sample perturbation; returns a new tensor like `delta`.
 
     L2:   delta' = P_R(delta + step_size * g / max(||g||_2, 1e-8))   (g unnormalised if normalize=False)
@@ -54,13 +58,20 @@ def pgd_step(
     step_size and radius: floats or [B] tensors (>= 0, finite). Norms are per sample over all non-batch dims.
     Non-finite policy: a sample whose gradient holds any NaN/Inf keeps its perturbation unchanged (no step,
     no projection), so one overflowing sample (e.g. under fp16 loss scaling) never poisons the batch.
+
+    model_input_base: optional x_t shaped like delta; then the result is (delta', x_t + delta'), the next
+    model input written in the same pass (dtype promote(x_t, delta); delta' is added after rounding).
     """
     check_tensor("delta", delta)
     check_like("grad", grad, "delta", delta)
     check_choice("norm", norm, NORMS)
+    if model_input_base is not None:
+        check_like("model_input_base", model_input_base, "delta", delta)
     step_size = per_sample("step_size", step_size, delta.shape[0], delta.device, nonnegative=True)
     radius = _radius("radius", radius, delta, norm, radius_mode)
-    return _dispatch.call("pgd_step", delta.device, delta, grad, step_size, radius, norm, bool(normalize))
+    return _dispatch.call(
+        "pgd_step", delta.device, delta, grad, step_size, radius, norm, bool(normalize), model_input_base
+    )
 
 
 def random_perturbation(

@@ -31,8 +31,14 @@ def clamp_box(delta: torch.Tensor, radius: Coef) -> torch.Tensor:
 
 
 def pgd_step(
-    delta: torch.Tensor, grad: torch.Tensor, step_size: Coef, radius: Coef, norm: str = "l2", normalize: bool = True
-) -> torch.Tensor:
+    delta: torch.Tensor,
+    grad: torch.Tensor,
+    step_size: Coef,
+    radius: Coef,
+    norm: str = "l2",
+    normalize: bool = True,
+    model_input_base: Optional[torch.Tensor] = None,
+):
     acc = compute_dtype(delta, grad)
     d, g = delta.to(acc), grad.to(acc)
     finite = torch.isfinite(g).flatten(1).all(dim=1) if g.ndim > 1 else torch.isfinite(g)
@@ -44,7 +50,11 @@ def pgd_step(
         new = project_l2(d + step * g, radius)
     else:
         new = clamp_box(d + step * (torch.sign(g) if normalize else g), radius)
-    return torch.where(column(finite, new), new, d).to(delta.dtype)
+    new = torch.where(column(finite, new), new, d).to(delta.dtype)
+    if model_input_base is None:
+        return new
+    x_dtype = torch.promote_types(model_input_base.dtype, delta.dtype)
+    return new, (model_input_base.to(acc) + new.to(acc)).to(x_dtype)
 
 
 def random_perturbation(
