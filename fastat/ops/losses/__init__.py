@@ -14,6 +14,7 @@ import torch
 from ... import _dispatch
 from ..._checks import check_choice, check_like, check_tensor, per_sample
 from ..._shapes import REDUCTIONS, Coef, column, per_sample_numel, reduce
+from ..noise import Noise, check_noise
 
 TARGETS = ("delta_detach", "delta", "original")
 REGULARIZER_MODES = ("equivariant", "invariant")
@@ -23,6 +24,9 @@ ICT_HUBER_C = 0.00054
 _dispatch.register_kernel("equivariant_mse", "torch", "fastat.ops.losses.reference:equivariant_mse")
 _dispatch.register_kernel("equivariance_regularizer", "torch", "fastat.ops.losses.reference:equivariance_regularizer")
 _dispatch.register_kernel("consistency_distance", "torch", "fastat.ops.losses.reference:consistency_distance")
+_dispatch.register_kernel("equivariant_mse", "triton", "fastat.ops.losses.triton_kernels:equivariant_mse")
+_dispatch.register_kernel("equivariance_regularizer", "triton", "fastat.ops.losses.triton_kernels:equivariance_regularizer")
+_dispatch.register_kernel("consistency_distance", "triton", "fastat.ops.losses.triton_kernels:consistency_distance")
 
 
 def _finish(per_sample_loss: torch.Tensor, weight: Optional[Coef], reduction: str) -> torch.Tensor:
@@ -33,7 +37,7 @@ def _finish(per_sample_loss: torch.Tensor, weight: Optional[Coef], reduction: st
 
 def equivariant_mse(
     pred: torch.Tensor,
-    noise: torch.Tensor,
+    noise: Noise,
     delta: Optional[torch.Tensor],
     sigma: Coef,
     target: str = "delta_detach",
@@ -44,9 +48,11 @@ def equivariant_mse(
         target = noise + delta / sigma            ("delta": gradient flows into delta through the target)
         target = noise + stop_grad(delta) / sigma ("delta_detach", the official script's choice)
         target = noise                            ("original"; delta may be None)
-    pred, noise, delta: [B, ...]; sigma: float or [B] (> 0 unless target="original")."""
+    pred, noise, delta: [B, ...]; sigma: float or [B] (> 0 unless target="original").
+    noise may be a `fastat.SeededNoise(seed, offset)` (the fp32 gaussian_noise(pred, seed, offset)): the
+    Triton kernel regenerates it in-kernel, so the noise used for x_t need not be stored."""
     check_tensor("pred", pred)
-    check_like("noise", noise, "pred", pred)
+    check_noise("noise", noise, "pred", pred)
     check_choice("target", target, TARGETS)
     check_choice("reduction", reduction, REDUCTIONS)
     batch = pred.shape[0]

@@ -7,11 +7,13 @@ from typing import Optional
 import torch
 
 from ..._shapes import Coef, column, compute_dtype, mean_flat, sum_flat
+from ..noise import materialize
 
 
 def equivariant_mse(
-    pred: torch.Tensor, noise: torch.Tensor, delta: Optional[torch.Tensor], sigma: Coef, target: str
+    pred: torch.Tensor, noise, delta: Optional[torch.Tensor], sigma: Coef, target: str
 ) -> torch.Tensor:
+    noise = materialize(noise, pred)
     acc = compute_dtype(pred, noise, delta)
     goal = noise.to(acc)
     if target != "original" and delta is not None:
