@@ -228,7 +228,7 @@ def tile_index(pid, n_col_blocks, B, D, BLOCK_B: tl.constexpr, BLOCK_D: tl.const
 def row_coef(ptr, scalar, rows, row_mask, IS_TENSOR: tl.constexpr):
     """Per-sample coefficient as fp32 [BB,1]: loaded from a [B] tensor, or a runtime scalar."""
     if IS_TENSOR:
-        return tl.load(ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        return tl.load(ptr + rows, mask=row_mask, other=1.0).to(tl.float32)  # 1: no 0/0 in padding rows
     return tl.zeros(rows.shape, tl.float32) + scalar
 
 
