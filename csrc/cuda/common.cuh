@@ -1,0 +1,317 @@
+// Shared pieces of fastat's CUDA kernels: light ATen/c10 includes (no torch/extension.h, no
+// ATen/cuda/CUDAContext.h, so each .cu compiles in ~20 s), 16-byte packs, the per-sample tiling of the
+// reductions, warp reductions and the launch-size policy.
+//
+// Hopper (sm_90) choices, and why:
+//  * 16-byte vector loads/stores (LDG.128/STG.128) on the aligned body of every range, scalar head/tail:
+//    every op here is memory-bound (0.1-0.5 flop/byte), so bytes per instruction is what matters.
+//  * Persistent grids: at most `waves * SM count` blocks that stride over the work, so launch size does not
+//    grow with N and the per-sample partial count stays bounded (fixed order -> deterministic sums).
+//  * No TMA / bulk copies, no thread-block clusters, no wgmma: each element is read once and used once, so
+//    staging through shared memory (TMA) only adds a hop; a cluster/DSMEM reduction would save one tiny
+//    finalize kernel (~2 us) at the cost of cudaLaunchKernelEx plumbing. Noted as a possible later step.
+//  * No host synchronisation anywhere (no .item(), no cudaDeviceSynchronize): all launches go to the current
+//    stream with workspaces from the caching allocator, so the ops are CUDA-graph capturable.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Half.h>
+#include <c10/util/BFloat16.h>
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+#include <vector>
+
+namespace fastat {
+
+constexpr int kThreads = 256;          // 8 warps: enough loads in flight per SM with several blocks resident
+constexpr int kWarps = kThreads / 32;
+constexpr float kNormFloor = 1e-8f;    // the official P1 code's max(||.||, 1e-8)
+
+// fp32 accumulation for fp32/fp16/bf16, fp64 for fp64.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+template <typename T> using acc_t = typename Acc<T>::type;
+
+template <typename T> __device__ __forceinline__ acc_t<T> to_acc(T v) { return static_cast<acc_t<T>>(v); }
+template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) { return static_cast<T>(v); }
+
+// Elements per 16-byte pack.
+template <typename T> constexpr int pack_size() { return 16 / static_cast<int>(sizeof(T)) > 0 ? 16 / static_cast<int>(sizeof(T)) : 1; }
+
+template <typename T, int N> struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T> __device__ __forceinline__ void load(const T* p, int64_t i, acc_t<T> (&out)[N]) {
+  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p + i);
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = to_acc(pk.v[k]);
+}
+
+template <int N, typename T, typename A> __device__ __forceinline__ void store(T* p, int64_t i, const A (&in)[N]) {
+  Pack<T, N> pk;
+#pragma unroll
+  for (int k = 0; k < N; ++k) pk.v[k] = from_acc<T>(in[k]);
+  *reinterpret_cast<Pack<T, N>*>(p + i) = pk;
+}
+
+// Runs f.template run<N>(i) over [lo, hi): lanes take scalar elements up to the first 16-byte boundary, then
+// N-element packs, then the scalar tail. All tensors of one launch share their alignment (checked on the
+// host), so a global index that is a multiple of N is 16-byte aligned in every tensor; when they are not
+// aligned the host launches with N = 1.
+template <int N, typename F>
+__device__ __forceinline__ void for_range(int64_t lo, int64_t hi, int64_t lane, int64_t lanes, F& f) {
+  if (N == 1) {
+    for (int64_t i = lo + lane; i < hi; i += lanes) f.template run<1>(i);
+    return;
+  }
+  int64_t body_lo = (lo + N - 1) / N * N;
+  if (body_lo > hi) body_lo = hi;
+  int64_t body_hi = hi / N * N;
+  if (body_hi < body_lo) body_hi = body_lo;
+  for (int64_t i = lo + lane; i < body_lo; i += lanes) f.template run<1>(i);
+  for (int64_t i = body_lo + lane * N; i < body_hi; i += lanes * N) f.template run<N>(i);
+  for (int64_t i = body_hi + lane; i < hi; i += lanes) f.template run<1>(i);
+}
+
+template <typename A> __device__ __forceinline__ A warp_sum(A v) {
+  // Butterfly: every lane ends with the same, order-fixed sum (deterministic).
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sample index of flat element i and the first element of the next sample, from one 64-bit division per pack.
+struct SampleCursor {
+  int64_t b, next, d;
+  __device__ __forceinline__ SampleCursor(int64_t i, int64_t d_) : b(i / d_), next((i / d_ + 1) * d_), d(d_) {}
+  __device__ __forceinline__ void advance(int64_t i) {
+    while (i >= next) { ++b; next += d; }
+  }
+};
+
+// ---- host side ---------------------------------------------------------------------------------------------
+
+// Streaming multiprocessors of the current device, cached per device (a driver attribute query, no sync).
+inline int sm_count() {
+  static int cached[64] = {0};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) dev = 0;
+  if (cached[dev] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    cached[dev] = n > 0 ? n : 1;
+  }
+  return cached[dev];
+}
+
+// Blocks for a grid-stride loop over `work` items of `per_block` each: enough for `waves` blocks per SM, no more.
+inline int64_t persistent_blocks(int64_t work, int64_t per_block, int waves = 8) {
+  const int64_t need = (work + per_block - 1) / per_block;
+  const int64_t cap = static_cast<int64_t>(sm_count()) * waves;
+  return need < 1 ? 1 : (need < cap ? need : cap);
+}
+
+// Per-sample tiling of a [B, D] reduction: each warp reduces one (sample, chunk) tile into one partial; a
+// finalize kernel sums a sample's partials in chunk order (deterministic). Chunks are sized so the launch has
+// about SMs * 64 warps of work (full occupancy on H100: 2048 threads per SM) but no tile is shorter than 1024
+// elements (a warp's fixed cost), and chunk starts stay pack-aligned when D is a multiple of the pack.
+struct Tiling {
+  int64_t batch, d, chunk, chunks, tiles, blocks;
+};
+
+inline Tiling make_tiling(int64_t batch, int64_t d, int pack) {
+  Tiling t{batch, d, 1, 1, 0, 1};
+  if (batch <= 0) return t;
+  const int64_t target_warps = static_cast<int64_t>(sm_count()) * 64;
+  int64_t chunk = (batch * d + target_warps - 1) / target_warps;
+  if (chunk < 1024) chunk = 1024;
+  if (chunk > d) chunk = d > 0 ? d : 1;
+  int64_t chunks = d > 0 ? (d + chunk - 1) / chunk : 1;
+  chunk = d > 0 ? (d + chunks - 1) / chunks : 1;
+  chunk = (chunk + pack - 1) / pack * pack;
+  chunks = d > 0 ? (d + chunk - 1) / chunk : 1;
+  t.chunk = chunk;
+  t.chunks = chunks;
+  t.tiles = batch * chunks;
+  t.blocks = persistent_blocks(t.tiles, kWarps);
+  return t;
+}
+
+inline int64_t per_sample_numel(const at::Tensor& t) { return t.dim() == 0 || t.size(0) == 0 ? 0 : t.numel() / t.size(0); }
+
+// True when all tensors are dense with the batch dim outermost and identical strides, so flat memory
+// index i belongs to sample i / D in every one of them (contiguous and channels_last both qualify).
+inline bool shares_batch_major_layout(std::initializer_list<const at::Tensor*> tensors) {
+  const at::Tensor* first = nullptr;
+  for (const at::Tensor* t : tensors) {
+    if (t == nullptr || !t->defined()) continue;
+    if (!t->is_non_overlapping_and_dense()) return false;
+    if (t->dim() > 0 && t->size(0) > 1 && t->stride(0) != per_sample_numel(*t)) return false;
+    if (first == nullptr) {
+      first = t;
+    } else if (t->strides() != first->strides() || t->sizes() != first->sizes()) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The tensor as the kernels want it: unchanged when the group already shares a batch-major dense layout.
+inline at::Tensor batch_major(const at::Tensor& t, bool group_ok) {
+  if (!t.defined() || group_ok) return t;
+  return t.contiguous();
+}
+
+// Pack width for a launch: the 16-byte pack when every defined tensor is 16-byte aligned, else 1.
+inline bool aligned16(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (t == nullptr || !t->defined()) continue;
+    if (reinterpret_cast<std::uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// Per-sample coefficient: a contiguous [B] fp32/fp64 tensor (read in the accumulation type) or a scalar.
+template <typename A> struct Coef {
+  const void* ptr;
+  bool is_double;
+  A scalar;
+  __device__ __forceinline__ A operator()(int64_t b) const {
+    if (ptr == nullptr) return scalar;
+    return is_double ? static_cast<A>(static_cast<const double*>(ptr)[b]) : static_cast<A>(static_cast<const float*>(ptr)[b]);
+  }
+};
+
+template <typename A> Coef<A> make_coef(const c10::optional<at::Tensor>& t, double scalar) {
+  if (t.has_value() && t->defined()) return Coef<A>{t->data_ptr(), t->scalar_type() == at::kDouble, static_cast<A>(0)};
+  return Coef<A>{nullptr, false, static_cast<A>(scalar)};
+}
+
+inline void check_data(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "fastat_cuda: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16 ||
+                  t.scalar_type() == at::kDouble,
+              "fastat_cuda: ", name, " must be float32/float16/bfloat16/float64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() >= 1, "fastat_cuda: ", name, " must have a batch dim");
+}
+
+inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  check_data(t, name);
+  TORCH_CHECK(t.sizes() == ref.sizes(), "fastat_cuda: ", name, " has shape ", t.sizes(), " but ", ref_name, " has ", ref.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastat_cuda: ", name, " is ", t.scalar_type(), " but ", ref_name,
+              " is ", ref.scalar_type(), " (the Python glue casts to one dtype)");
+  TORCH_CHECK(t.device() == ref.device(), "fastat_cuda: ", name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+}
+
+inline void check_coef(const c10::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->device() == like.device(), "fastat_cuda: ", name, " is on ", t->device(), " but the data is on ", like.device());
+  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, "fastat_cuda: ", name,
+              " must be float32 or float64, got ", t->scalar_type());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == like.size(0) && t->is_contiguous(), "fastat_cuda: ", name,
+              " must be a contiguous [B] tensor with B=", like.size(0), ", got shape ", t->sizes());
+}
+
+
+// ---- kernels shared by the families -------------------------------------------------------------------------
+
+// Grid-stride elementwise pass over [0, n): f.template run<N>(i) handles elements i .. i+N-1 (N = 1 or the pack).
+template <int N, typename F>
+__global__ void __launch_bounds__(kThreads) elementwise_kernel(int64_t n, F f) {
+  const int64_t lane = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t lanes = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for_range<N>(0, n, lane, lanes, f);
+}
+
+template <int P, typename F>
+void launch_elementwise(int64_t n, bool vectorize, const F& f, cudaStream_t stream) {
+  if (n <= 0) return;
+  if (P > 1 && vectorize) {
+    elementwise_kernel<P, F><<<persistent_blocks((n + P - 1) / P, kThreads), kThreads, 0, stream>>>(n, f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    elementwise_kernel<1, F><<<persistent_blocks(n, kThreads), kThreads, 0, stream>>>(n, f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Per-sample partial sums: each warp takes (sample, chunk) tiles in a grid-stride loop, calls f.reset(b),
+// f.template run<N>(i) over the tile's elements, then f.partials(out) with K per-lane sums that are
+// warp-reduced (fixed butterfly order) and written by lane 0 to partials[tile * K + k].
+template <int N, int K, typename A, typename F>
+__global__ void __launch_bounds__(kThreads) tile_reduce_kernel(Tiling t, F f, A* __restrict__ partials) {
+  const int lane = threadIdx.x & 31;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t tile = first; tile < t.tiles; tile += stride) {
+    const int64_t b = tile / t.chunks;
+    const int64_t c = tile - b * t.chunks;
+    const int64_t lo = b * t.d + c * t.chunk;
+    const int64_t end = (c + 1) * t.chunk < t.d ? (c + 1) * t.chunk : t.d;
+    f.reset(b);
+    for_range<N>(lo, b * t.d + end, lane, 32, f);
+    A sums[K];
+    f.partials(sums);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const A s = warp_sum(sums[k]);
+      if (lane == 0) partials[tile * K + k] = s;
+    }
+  }
+}
+
+template <int P, int K, typename A, typename F>
+void launch_tile_reduce(const Tiling& t, bool vectorize, const F& f, A* partials, cudaStream_t stream) {
+  if (t.tiles <= 0) return;
+  if (P > 1 && vectorize) {
+    tile_reduce_kernel<P, K, A, F><<<t.blocks, kThreads, 0, stream>>>(t, f, partials);
+  } else {
+    tile_reduce_kernel<1, K, A, F><<<t.blocks, kThreads, 0, stream>>>(t, f, partials);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// One thread per sample: sums that sample's K partials over its chunks in chunk order, then fin(b, sums).
+template <int K, typename A, typename Fin>
+__global__ void __launch_bounds__(kThreads) finalize_kernel(int64_t batch, int64_t chunks, const A* __restrict__ partials, Fin fin) {
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < batch;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    A sums[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) sums[k] = A(0);
+    for (int64_t c = 0; c < chunks; ++c) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) sums[k] += partials[(b * chunks + c) * K + k];
+    }
+    fin(b, sums);
+  }
+}
+
+template <int K, typename A, typename Fin>
+void launch_finalize(const Tiling& t, const A* partials, const Fin& fin, cudaStream_t stream) {
+  if (t.batch <= 0) return;
+  finalize_kernel<K, A, Fin><<<persistent_blocks(t.batch, kThreads), kThreads, 0, stream>>>(t.batch, t.chunks, partials, fin);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+inline at::Tensor partials_buffer(const Tiling& t, int k, const at::Tensor& like, bool fp64) {
+  return at::empty({t.tiles > 0 ? t.tiles * k : 1}, like.options().dtype(fp64 ? at::kDouble : at::kFloat));
+}
+
+#define FASTAT_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
+
+}  // namespace fastat

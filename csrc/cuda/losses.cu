@@ -1,0 +1,206 @@
+// Fused per-sample losses (SPEC 4.3). Every loss here is a function of one residual
+//     r = a - b - k_b * c          (c optional, k_b a per-sample coefficient)
+//   P1 equivariant MSE:   a = pred, b = noise, c = delta, k = 1/sigma      (target = noise + delta/sigma)
+//   P2 regulariser:       a = pred_perturbed, b = pred_clean, c = omega, k = 1 (invariant: no c)
+//   CM distance:          a = pred, b = target, no c
+// metric 0: loss_b = sum(r^2) / D;  1: sum(|r|) / D;  2 (pseudo-Huber): sqrt(sum(r^2) + c^2) - c.
+// Forward: one tile-reduction pass (per-warp partials, fixed-order finalize: deterministic) that can also store
+// r in the input dtype, so the backward never re-reads a, b and c nor materialises the target:
+//   dL/da = f_b(r),  dL/db = -f_b(r),  dL/dc = -k_b f_b(r)   with f_b(r) = g_b * {2r/D, sign(r)/D, r/(loss_b + c)}.
+#include "common.cuh"
+#include "ops.h"
+
+namespace fastat {
+namespace {
+
+template <typename T, bool HAS_C, int METRIC, bool SAVE>
+struct ResidualOp {
+  using A = acc_t<T>;
+  const T* __restrict__ a;
+  const T* __restrict__ b;
+  const T* __restrict__ c;
+  T* __restrict__ residual;
+  Coef<A> k;
+  A kb, sum;
+  __device__ __forceinline__ void reset(int64_t sample) {
+    kb = HAS_C ? k(sample) : A(0);
+    sum = A(0);
+  }
+  template <int N> __device__ __forceinline__ void run(int64_t i) {
+    A av[N], bv[N], cv[N];
+    load<N>(a, i, av);
+    load<N>(b, i, bv);
+    if constexpr (HAS_C) load<N>(c, i, cv);
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      A r = av[j] - bv[j];
+      if constexpr (HAS_C) r -= kb * cv[j];
+      av[j] = r;
+      sum += METRIC == 1 ? fabs(r) : r * r;
+    }
+    if constexpr (SAVE) store<N>(residual, i, av);
+  }
+  __device__ __forceinline__ void partials(A (&out)[1]) const { out[0] = sum; }
+};
+
+template <typename A>
+struct LossFin {
+  int metric;
+  int64_t d;
+  A huber_c;
+  A* __restrict__ loss;
+  __device__ __forceinline__ void operator()(int64_t b, const A (&s)[1]) const {
+    if (metric == 2) {
+      loss[b] = sqrt(s[0] + huber_c * huber_c) - huber_c;
+    } else {
+      loss[b] = s[0] / A(d > 1 ? d : 1);
+    }
+  }
+};
+
+template <typename T, int METRIC>
+struct ResidualGradOp {
+  using A = acc_t<T>;
+  const T* __restrict__ residual;
+  const A* __restrict__ grad_loss;
+  const A* __restrict__ loss;
+  T* __restrict__ out_a;
+  T* __restrict__ out_b;
+  T* __restrict__ out_c;
+  Coef<A> k;
+  A huber_c;
+  int64_t d;
+  __device__ __forceinline__ A factor(int64_t b) const {
+    const A g = grad_loss[b];
+    if (METRIC == 0) return A(2) * g / A(d);
+    if (METRIC == 1) return g / A(d);
+    return g / (loss[b] + huber_c);  // d/dr sqrt(S + c^2) = r / sqrt(S + c^2), and sqrt(S + c^2) = loss + c
+  }
+  template <int N> __device__ __forceinline__ void run(int64_t i) {
+    A r[N], ga[N], gb[N], gc[N];
+    load<N>(residual, i, r);
+    SampleCursor cur(i, d);
+    A f = factor(cur.b), kb = out_c != nullptr ? k(cur.b) : A(0);
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if (i + j >= cur.next) {
+        cur.advance(i + j);
+        f = factor(cur.b);
+        if (out_c != nullptr) kb = k(cur.b);
+      }
+      const A v = METRIC == 1 ? A((r[j] > A(0)) - (r[j] < A(0))) : r[j];
+      ga[j] = f * v;
+      gb[j] = -ga[j];
+      gc[j] = -kb * ga[j];
+    }
+    if (out_a != nullptr) store<N>(out_a, i, ga);
+    if (out_b != nullptr) store<N>(out_b, i, gb);
+    if (out_c != nullptr) store<N>(out_c, i, gc);
+  }
+};
+
+template <typename T, bool HAS_C, int METRIC>
+void launch_residual(const Tiling& t, bool vec, bool save, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                     at::Tensor& residual, const Coef<acc_t<T>>& k, acc_t<T>* partials, cudaStream_t stream) {
+  constexpr int P = pack_size<T>();
+  const T* cp = HAS_C ? c.data_ptr<T>() : nullptr;
+  if (save) {
+    launch_tile_reduce<P, 1>(t, vec, ResidualOp<T, HAS_C, METRIC, true>{a.data_ptr<T>(), b.data_ptr<T>(), cp, residual.data_ptr<T>(), k},
+                             partials, stream);
+  } else {
+    launch_tile_reduce<P, 1>(t, vec, ResidualOp<T, HAS_C, METRIC, false>{a.data_ptr<T>(), b.data_ptr<T>(), cp, nullptr, k}, partials, stream);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> residual_loss_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const c10::optional<at::Tensor>& c_in,
+                                                      const c10::optional<at::Tensor>& k, double k_s, int64_t metric,
+                                                      double huber_c, bool save_residual) {
+  check_data(a_in, "a");
+  check_same(b_in, a_in, "b", "a");
+  const bool has_c = c_in.has_value() && c_in->defined();
+  if (has_c) check_same(*c_in, a_in, "c", "a");
+  check_coef(k, a_in, "k");
+  TORCH_CHECK(metric >= 0 && metric <= 2, "fastat_cuda: metric must be 0 (l2), 1 (l1) or 2 (pseudo_huber), got ", metric);
+  c10::cuda::CUDAGuard guard(a_in.device());
+  at::Tensor c_t = has_c ? *c_in : at::Tensor();
+  const bool keep = shares_batch_major_layout({&a_in, &b_in, &c_t});
+  at::Tensor a = batch_major(a_in, keep), b = batch_major(b_in, keep);
+  c_t = batch_major(c_t, keep);
+  const bool fp64 = a.scalar_type() == at::kDouble;
+  const int64_t batch = a.size(0), d = per_sample_numel(a);
+  at::Tensor loss = at::empty({batch}, a.options().dtype(fp64 ? at::kDouble : at::kFloat));
+  at::Tensor residual = save_residual ? at::empty_like(a) : at::empty({0}, a.options());
+  const bool vec = aligned16({&a, &b, &c_t, save_residual ? &residual : nullptr});
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  FASTAT_DISPATCH(a.scalar_type(), "fastat_cuda::residual_loss", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    constexpr int P = pack_size<T>();
+    const Tiling t = make_tiling(batch, d, vec ? P : 1);
+    at::Tensor partials = partials_buffer(t, 1, a, fp64);
+    A* pp = partials.data_ptr<A>();
+    const Coef<A> ck = make_coef<A>(k, k_s);
+    if (has_c) {
+      if (metric == 1) launch_residual<T, true, 1>(t, vec, save_residual, a, b, c_t, residual, ck, pp, stream);
+      else launch_residual<T, true, 0>(t, vec, save_residual, a, b, c_t, residual, ck, pp, stream);
+    } else {
+      if (metric == 1) launch_residual<T, false, 1>(t, vec, save_residual, a, b, c_t, residual, ck, pp, stream);
+      else launch_residual<T, false, 0>(t, vec, save_residual, a, b, c_t, residual, ck, pp, stream);
+    }
+    launch_finalize<1>(t, pp, LossFin<A>{static_cast<int>(metric), d, static_cast<A>(huber_c), loss.data_ptr<A>()}, stream);
+  });
+  return {loss, residual};
+}
+
+std::vector<at::Tensor> residual_loss_backward_cuda(const at::Tensor& grad_loss_in, const at::Tensor& residual,
+                                                    const at::Tensor& loss_in, const c10::optional<at::Tensor>& k, double k_s,
+                                                    int64_t metric, double huber_c, bool need_a, bool need_b, bool need_c) {
+  check_data(residual, "residual");
+  check_coef(k, residual, "k");
+  TORCH_CHECK(metric >= 0 && metric <= 2, "fastat_cuda: metric must be 0, 1 or 2, got ", metric);
+  const at::ScalarType acc = residual.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_loss_in.numel() == residual.size(0) && loss_in.numel() == residual.size(0),
+              "fastat_cuda: grad_loss and loss must have one value per sample");
+  c10::cuda::CUDAGuard guard(residual.device());
+  // The loss output of residual_loss is dense [B]; an upstream gradient may be expanded (stride 0): make it dense.
+  at::Tensor grad_loss = grad_loss_in.reshape({-1}).to(acc).contiguous();
+  at::Tensor loss = loss_in.reshape({-1}).to(acc).contiguous();
+  std::vector<at::Tensor> outs;
+  at::Tensor ga = need_a ? at::empty_like(residual) : at::Tensor();
+  at::Tensor gb = need_b ? at::empty_like(residual) : at::Tensor();
+  at::Tensor gc = need_c ? at::empty_like(residual) : at::Tensor();
+  const bool vec = aligned16({&residual, &ga, &gb, &gc});
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n = residual.numel(), d = per_sample_numel(residual);
+
+  if (need_a || need_b || need_c) {
+    FASTAT_DISPATCH(residual.scalar_type(), "fastat_cuda::residual_loss_backward", [&] {
+      using T = scalar_t;
+      using A = acc_t<T>;
+      constexpr int P = pack_size<T>();
+      T* pa = need_a ? ga.data_ptr<T>() : nullptr;
+      T* pb = need_b ? gb.data_ptr<T>() : nullptr;
+      T* pc = need_c ? gc.data_ptr<T>() : nullptr;
+      const Coef<A> ck = make_coef<A>(k, k_s);
+      const A hc = static_cast<A>(huber_c);
+      const A* gl = grad_loss.data_ptr<A>();
+      const A* ls = loss.data_ptr<A>();
+      if (metric == 0) {
+        launch_elementwise<P>(n, vec, ResidualGradOp<T, 0>{residual.data_ptr<T>(), gl, ls, pa, pb, pc, ck, hc, d}, stream);
+      } else if (metric == 1) {
+        launch_elementwise<P>(n, vec, ResidualGradOp<T, 1>{residual.data_ptr<T>(), gl, ls, pa, pb, pc, ck, hc, d}, stream);
+      } else {
+        launch_elementwise<P>(n, vec, ResidualGradOp<T, 2>{residual.data_ptr<T>(), gl, ls, pa, pb, pc, ck, hc, d}, stream);
+      }
+    });
+  }
+  if (need_a) outs.push_back(ga);
+  if (need_b) outs.push_back(gb);
+  if (need_c) outs.push_back(gc);
+  return outs;
+}
+
+}  // namespace fastat
