@@ -7,7 +7,9 @@ import torch
 
 import fastat
 from fastat import schedules
-from training_utils import TinyDenoiser, clone, grads, l2_step
+from training_utils import TinyDenoiser, clone, grads, l2_step, reference_backend  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 SD, SMIN = 0.5, 0.002
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import fastat
-from training_utils import TABLE, ball_start, coefs, grads, l2_step, make, p2_coefs
+from training_utils import TABLE, ball_start, coefs, grads, l2_step, make, p2_coefs, reference_backend  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def fused(model, x0, noise, t, **kw):

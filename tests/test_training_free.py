@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import fastat
-from training_utils import TABLE, clone, coefs, l2_step, make, p2_coefs
+from training_utils import TABLE, clone, coefs, l2_step, make, p2_coefs, reference_backend  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def explicit_p1(model, x0, noise, t, replays, chunks=1, lr=0.05):

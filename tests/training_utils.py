@@ -4,8 +4,10 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 
+import fastat
 from fastat import schedules
 
 TABLE = schedules.ddpm_linear_alphas_cumprod(1000)
@@ -63,3 +65,10 @@ def clone(model):
 def p2_coefs(s, eps=0.1, rho=2.0, r_min=8 / 255, lam=0.3, beta=1.0):
     r = (eps * s**rho).clamp_min(r_min)
     return r, lam * math.sqrt(3.0) / (beta * r)
+
+
+@pytest.fixture
+def reference_backend():
+    """The loops are checked on the reference ops (kernels have their own tests; see test_training_backends)."""
+    with fastat.use_backend("torch"):
+        yield
