@@ -18,7 +18,7 @@ import glob
 import os
 import shutil
 import sys
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from setuptools import setup
 
@@ -30,7 +30,10 @@ def _rel(pattern: str) -> List[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
-def find_cuda_home(env: Mapping[str, str]) -> Optional[str]:
+DEFAULT_CUDA_HOMES = ("/usr/local/cuda",)
+
+
+def find_cuda_home(env: Mapping[str, str], defaults: Sequence[str] = DEFAULT_CUDA_HOMES) -> Optional[str]:
     """The CUDA toolkit root: $CUDA_HOME / $CUDA_PATH, else /usr/local/cuda, else the parent of `nvcc` on PATH.
 
     /usr/local/cuda comes before PATH on purpose: a /usr/local/bin/nvcc wrapper makes torch guess
@@ -40,9 +43,10 @@ def find_cuda_home(env: Mapping[str, str]) -> Optional[str]:
         home = env.get(key)
         if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
             return home
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
-    nvcc = shutil.which("nvcc", path=env.get("PATH"))
+    for home in defaults:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    nvcc = shutil.which("nvcc", path=env.get("PATH", ""))
     if nvcc:
         home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
         if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
@@ -50,7 +54,9 @@ def find_cuda_home(env: Mapping[str, str]) -> Optional[str]:
     return None
 
 
-def cuda_build_plan(env: Mapping[str, str] = os.environ) -> Tuple[str, str, Dict[str, str]]:
+def cuda_build_plan(
+    env: Mapping[str, str] = os.environ, defaults: Sequence[str] = DEFAULT_CUDA_HOMES
+) -> Tuple[str, str, Dict[str, str]]:
     """("build" | "skip", reason, environment to set before building) for fastat._C_cuda. Never raises."""
     if env.get("FASTAT_BUILD_CUDA", "").strip() == "0":
         return "skip", "FASTAT_BUILD_CUDA=0", {}
@@ -63,7 +69,7 @@ def cuda_build_plan(env: Mapping[str, str] = os.environ) -> Tuple[str, str, Dict
         ), {}
     if not getattr(torch.version, "cuda", None):
         return "skip", f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)", {}
-    home = find_cuda_home(env)
+    home = find_cuda_home(env, defaults)
     if home is None:
         return "skip", "no CUDA toolkit found (set CUDA_HOME to the directory holding bin/nvcc)", {}
     extra = {"CUDA_HOME": home}

@@ -15,12 +15,12 @@ TORCH_LIBRARY(fastat_cuda, m) {
   m.def("gaussian_noise(Tensor like, int seed, int offset, ScalarType dtype) -> Tensor");
   m.def("scale_per_sample(Tensor grad, Tensor? coef, float coef_s) -> Tensor");
   m.def(
-      "pgd_step(Tensor delta, Tensor grad, Tensor? step_size, Tensor? radius, float step_size_s, float radius_s, bool l2, "
-      "bool normalize) -> Tensor");
+      "pgd_step(Tensor delta, Tensor grad, Tensor? base, Tensor? step_size, Tensor? radius, float step_size_s, "
+      "float radius_s, bool l2, bool normalize) -> (Tensor, Tensor)");
   m.def("random_perturbation(Tensor like, Tensor seed, Tensor? radius, float radius_s, bool l2, bool normal, ScalarType dtype) -> Tensor");
   m.def(
-      "residual_loss(Tensor a, Tensor b, Tensor? c, Tensor? k, float k_s, int metric, float huber_c, bool save_residual) "
-      "-> (Tensor, Tensor)");
+      "residual_loss(Tensor a, Tensor? b, Tensor? c, Tensor? k, float k_s, int metric, float huber_c, bool save_residual, "
+      "int seed, int offset) -> (Tensor, Tensor)");
   m.def(
       "residual_loss_backward(Tensor grad_loss, Tensor residual, Tensor loss, Tensor? k, float k_s, int metric, float huber_c, "
       "bool need_a, bool need_b, bool need_c) -> Tensor[]");

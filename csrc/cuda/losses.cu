@@ -1,14 +1,16 @@
 // Fused per-sample losses (SPEC 4.3). Every loss here is a function of one residual
-//     r = a - b - k_b * c          (c optional, k_b a per-sample coefficient)
-//   P1 equivariant MSE:   a = pred, b = noise, c = delta, k = 1/sigma      (target = noise + delta/sigma)
+//     r = a - b - c / k_b          (c optional, k_b a per-sample divisor; b may be seeded noise regenerated
+//                                   in-kernel from (seed, offset), see philox.cuh, so it is never stored)
+//   P1 equivariant MSE:   a = pred, b = noise, c = delta, k = sigma        (target = noise + delta/sigma)
 //   P2 regulariser:       a = pred_perturbed, b = pred_clean, c = omega, k = 1 (invariant: no c)
 //   CM distance:          a = pred, b = target, no c
 // metric 0: loss_b = sum(r^2) / D;  1: sum(|r|) / D;  2 (pseudo-Huber): sqrt(sum(r^2) + c^2) - c.
 // Forward: one tile-reduction pass (per-warp partials, fixed-order finalize: deterministic) that can also store
 // r in the input dtype, so the backward never re-reads a, b and c nor materialises the target:
-//   dL/da = f_b(r),  dL/db = -f_b(r),  dL/dc = -k_b f_b(r)   with f_b(r) = g_b * {2r/D, sign(r)/D, r/(loss_b + c)}.
+//   dL/da = f_b(r),  dL/db = -f_b(r),  dL/dc = -f_b(r) / k_b   with f_b(r) = g_b * {2r/D, sign(r)/D, r/(loss_b + c)}.
 #include "common.cuh"
 #include "ops.h"
+#include "philox.cuh"
 
 namespace fastat {
 namespace {
@@ -21,20 +23,27 @@ struct ResidualOp {
   const T* __restrict__ c;
   T* __restrict__ residual;
   Coef<A> k;
+  bool seeded;  // b drawn from (seed, offset) at the flat index (contiguous inputs: flat = logical index)
+  uint64_t seed, offset;
   A kb, sum;
   __device__ __forceinline__ void reset(int64_t sample) {
-    kb = HAS_C ? k(sample) : A(0);
+    kb = HAS_C ? k(sample) : A(1);
     sum = A(0);
   }
   template <int N> __device__ __forceinline__ void run(int64_t i) {
     A av[N], bv[N], cv[N];
     load<N>(a, i, av);
-    load<N>(b, i, bv);
+    if (seeded) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) bv[j] = static_cast<A>(philox_normal(seed, offset, i + j));
+    } else {
+      load<N>(b, i, bv);
+    }
     if constexpr (HAS_C) load<N>(c, i, cv);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       A r = av[j] - bv[j];
-      if constexpr (HAS_C) r -= kb * cv[j];
+      if constexpr (HAS_C) r -= cv[j] / kb;
       av[j] = r;
       sum += METRIC == 1 ? fabs(r) : r * r;
     }
@@ -80,7 +89,7 @@ struct ResidualGradOp {
     A r[N], ga[N], gb[N], gc[N];
     load<N>(residual, i, r);
     SampleCursor cur(i, d);
-    A f = factor(cur.b), kb = out_c != nullptr ? k(cur.b) : A(0);
+    A f = factor(cur.b), kb = out_c != nullptr ? k(cur.b) : A(1);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       if (i + j >= cur.next) {
@@ -91,7 +100,7 @@ struct ResidualGradOp {
       const A v = METRIC == 1 ? A((r[j] > A(0)) - (r[j] < A(0))) : r[j];
       ga[j] = f * v;
       gb[j] = -ga[j];
-      gc[j] = -kb * ga[j];
+      gc[j] = -ga[j] / kb;
     }
     if (out_a != nullptr) store<N>(out_a, i, ga);
     if (out_b != nullptr) store<N>(out_b, i, gb);
@@ -101,38 +110,48 @@ struct ResidualGradOp {
 
 template <typename T, bool HAS_C, int METRIC>
 void launch_residual(const Tiling& t, bool vec, bool save, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
-                     at::Tensor& residual, const Coef<acc_t<T>>& k, acc_t<T>* partials, cudaStream_t stream) {
+                     at::Tensor& residual, const Coef<acc_t<T>>& k, bool seeded, uint64_t seed, uint64_t offset,
+                     acc_t<T>* partials, cudaStream_t stream) {
   constexpr int P = pack_size<T>();
+  const T* bp = seeded ? nullptr : b.data_ptr<T>();
   const T* cp = HAS_C ? c.data_ptr<T>() : nullptr;
   if (save) {
-    launch_tile_reduce<P, 1>(t, vec, ResidualOp<T, HAS_C, METRIC, true>{a.data_ptr<T>(), b.data_ptr<T>(), cp, residual.data_ptr<T>(), k},
-                             partials, stream);
+    launch_tile_reduce<P, 1>(
+        t, vec, ResidualOp<T, HAS_C, METRIC, true>{a.data_ptr<T>(), bp, cp, residual.data_ptr<T>(), k, seeded, seed, offset}, partials, stream);
   } else {
-    launch_tile_reduce<P, 1>(t, vec, ResidualOp<T, HAS_C, METRIC, false>{a.data_ptr<T>(), b.data_ptr<T>(), cp, nullptr, k}, partials, stream);
+    launch_tile_reduce<P, 1>(t, vec, ResidualOp<T, HAS_C, METRIC, false>{a.data_ptr<T>(), bp, cp, nullptr, k, seeded, seed, offset},
+                             partials, stream);
   }
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> residual_loss_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const c10::optional<at::Tensor>& c_in,
-                                                      const c10::optional<at::Tensor>& k, double k_s, int64_t metric,
-                                                      double huber_c, bool save_residual) {
+std::tuple<at::Tensor, at::Tensor> residual_loss_cuda(const at::Tensor& a_in, const c10::optional<at::Tensor>& b_in,
+                                                      const c10::optional<at::Tensor>& c_in, const c10::optional<at::Tensor>& k,
+                                                      double k_s, int64_t metric, double huber_c, bool save_residual, int64_t seed,
+                                                      int64_t offset) {
   check_data(a_in, "a");
-  check_same(b_in, a_in, "b", "a");
+  const bool seeded = seed >= 0;
+  TORCH_CHECK(seeded || (b_in.has_value() && b_in->defined()), "fastat_cuda: b is None and no seed (>= 0) was given");
+  TORCH_CHECK(offset >= 0, "fastat_cuda: offset must be >= 0, got ", offset);
+  at::Tensor b_t = seeded ? at::Tensor() : *b_in;
+  if (!seeded) check_same(b_t, a_in, "b", "a");
   const bool has_c = c_in.has_value() && c_in->defined();
   if (has_c) check_same(*c_in, a_in, "c", "a");
   check_coef(k, a_in, "k");
   TORCH_CHECK(metric >= 0 && metric <= 2, "fastat_cuda: metric must be 0 (l2), 1 (l1) or 2 (pseudo_huber), got ", metric);
   c10::cuda::CUDAGuard guard(a_in.device());
   at::Tensor c_t = has_c ? *c_in : at::Tensor();
-  const bool keep = shares_batch_major_layout({&a_in, &b_in, &c_t});
-  at::Tensor a = batch_major(a_in, keep), b = batch_major(b_in, keep);
+  // Seeded noise is indexed by the logical (row-major) index: that form runs on contiguous tensors.
+  const bool keep = !seeded && shares_batch_major_layout({&a_in, &b_t, &c_t});
+  at::Tensor a = batch_major(a_in, keep), b = batch_major(b_t, keep);
   c_t = batch_major(c_t, keep);
   const bool fp64 = a.scalar_type() == at::kDouble;
   const int64_t batch = a.size(0), d = per_sample_numel(a);
   at::Tensor loss = at::empty({batch}, a.options().dtype(fp64 ? at::kDouble : at::kFloat));
   at::Tensor residual = save_residual ? at::empty_like(a) : at::empty({0}, a.options());
   const bool vec = aligned16({&a, &b, &c_t, save_residual ? &residual : nullptr});
+  const uint64_t sd = static_cast<uint64_t>(seeded ? seed : 0), off = static_cast<uint64_t>(offset);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   FASTAT_DISPATCH(a.scalar_type(), "fastat_cuda::residual_loss", [&] {
@@ -144,11 +163,11 @@ std::tuple<at::Tensor, at::Tensor> residual_loss_cuda(const at::Tensor& a_in, co
     A* pp = partials.data_ptr<A>();
     const Coef<A> ck = make_coef<A>(k, k_s);
     if (has_c) {
-      if (metric == 1) launch_residual<T, true, 1>(t, vec, save_residual, a, b, c_t, residual, ck, pp, stream);
-      else launch_residual<T, true, 0>(t, vec, save_residual, a, b, c_t, residual, ck, pp, stream);
+      if (metric == 1) launch_residual<T, true, 1>(t, vec, save_residual, a, b, c_t, residual, ck, seeded, sd, off, pp, stream);
+      else launch_residual<T, true, 0>(t, vec, save_residual, a, b, c_t, residual, ck, seeded, sd, off, pp, stream);
     } else {
-      if (metric == 1) launch_residual<T, false, 1>(t, vec, save_residual, a, b, c_t, residual, ck, pp, stream);
-      else launch_residual<T, false, 0>(t, vec, save_residual, a, b, c_t, residual, ck, pp, stream);
+      if (metric == 1) launch_residual<T, false, 1>(t, vec, save_residual, a, b, c_t, residual, ck, seeded, sd, off, pp, stream);
+      else launch_residual<T, false, 0>(t, vec, save_residual, a, b, c_t, residual, ck, seeded, sd, off, pp, stream);
     }
     launch_finalize<1>(t, pp, LossFin<A>{static_cast<int>(metric), d, static_cast<A>(huber_c), loss.data_ptr<A>()}, stream);
   });

@@ -5,7 +5,8 @@
 //   finalize (one thread per sample): c = step / max(||g||, 1e-8) (c = step unnormalised),
 //       ||v||^2 = ||delta||^2 + 2c<delta, g> + c^2 ||g||^2   for v = delta + c g  (no pass over v),
 //       s = min(1, R / max(||v||, 1e-8)),  delta' = s * delta + (s c) * g;
-//   pass 2 (elementwise): delta' = cd_b * delta + cg_b * g.
+//   pass 2 (elementwise): delta' = cd_b * delta + cg_b * g  (and x' = base + delta' when a model-input base is
+//   given, so the next attack input costs no extra pass).
 // Linf step: one elementwise pass delta' = clamp(delta + step * sign(g), -R, R) that also flags samples with a
 // non-finite gradient, then a pass that restores delta for flagged samples only (no traffic for the others).
 // Policy of the reference: a sample whose gradient holds a NaN/Inf keeps its perturbation unchanged.
@@ -17,6 +18,16 @@ namespace fastat {
 namespace {
 
 template <typename A> __device__ __forceinline__ bool finite(A v) { return isfinite(v); }
+
+// xout = base + T(v): the perturbed model input from the rounded perturbation.
+template <int N, typename T, typename A>
+__device__ __forceinline__ void add_base(const T* __restrict__ base, T* __restrict__ xout, int64_t i, const A (&v)[N]) {
+  A bv[N];
+  load<N>(base, i, bv);
+#pragma unroll
+  for (int k = 0; k < N; ++k) bv[k] += to_acc(from_acc<T>(v[k]));
+  store<N>(xout, i, bv);
+}
 
 // ---- L2 -----------------------------------------------------------------------------------------------------
 
@@ -76,6 +87,8 @@ struct L2ApplyOp {
   const T* __restrict__ delta;
   const T* __restrict__ grad;
   T* __restrict__ out;
+  const T* __restrict__ base;  // optional: x' = base + delta' (delta' rounded to T first, as the reference)
+  T* __restrict__ xout;
   const A* __restrict__ coef;
   int64_t d;
   template <int N> __device__ __forceinline__ void run(int64_t i) {
@@ -95,6 +108,7 @@ struct L2ApplyOp {
       dv[k] = cg != A(0) ? cd * dv[k] + cg * gv[k] : cd * dv[k];
     }
     store<N>(out, i, dv);
+    if (base != nullptr) add_base<N>(base, xout, i, dv);
   }
 };
 
@@ -106,6 +120,8 @@ struct LinfStepOp {
   const T* __restrict__ delta;
   const T* __restrict__ grad;
   T* __restrict__ out;
+  const T* __restrict__ base;
+  T* __restrict__ xout;
   int* __restrict__ bad;
   Coef<A> step, radius;
   bool normalize;
@@ -129,13 +145,17 @@ struct LinfStepOp {
       dv[k] = fmax(fmin(dv[k] + s * dir, r), -r);
     }
     store<N>(out, i, dv);
+    if (base != nullptr) add_base<N>(base, xout, i, dv);
   }
 };
 
 template <typename T>
 struct RestoreOp {
+  using A = acc_t<T>;
   const T* __restrict__ delta;
   T* __restrict__ out;
+  const T* __restrict__ base;
+  T* __restrict__ xout;
   const int* __restrict__ bad;
   int64_t d;
   template <int N> __device__ __forceinline__ void run(int64_t i) {
@@ -143,7 +163,10 @@ struct RestoreOp {
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       if (i + k >= cur.next) cur.advance(i + k);
-      if (bad[cur.b]) out[i + k] = delta[i + k];
+      if (bad[cur.b]) {
+        out[i + k] = delta[i + k];
+        if (base != nullptr) xout[i + k] = from_acc<T>(to_acc(base[i + k]) + to_acc(delta[i + k]));
+      }
     }
   }
 };
@@ -225,18 +248,25 @@ struct RandomApplyOp {
 
 }  // namespace
 
-at::Tensor pgd_step_cuda(const at::Tensor& delta_in, const at::Tensor& grad_in, const c10::optional<at::Tensor>& step_size,
-                         const c10::optional<at::Tensor>& radius, double step_size_s, double radius_s, bool l2, bool normalize) {
+std::tuple<at::Tensor, at::Tensor> pgd_step_cuda(const at::Tensor& delta_in, const at::Tensor& grad_in,
+                                                 const c10::optional<at::Tensor>& base_in,
+                                                 const c10::optional<at::Tensor>& step_size, const c10::optional<at::Tensor>& radius,
+                                                 double step_size_s, double radius_s, bool l2, bool normalize) {
   check_data(delta_in, "delta");
   check_same(grad_in, delta_in, "grad", "delta");
+  const bool has_base = base_in.has_value() && base_in->defined();
+  at::Tensor base = has_base ? *base_in : at::Tensor();
+  if (has_base) check_same(base, delta_in, "model_input_base", "delta");
   check_coef(step_size, delta_in, "step_size");
   check_coef(radius, delta_in, "radius");
   c10::cuda::CUDAGuard guard(delta_in.device());
-  const bool keep = shares_batch_major_layout({&delta_in, &grad_in});
+  const bool keep = shares_batch_major_layout({&delta_in, &grad_in, &base});
   at::Tensor delta = batch_major(delta_in, keep), grad = batch_major(grad_in, keep);
+  base = batch_major(base, keep);
   at::Tensor out = at::empty_like(delta);
+  at::Tensor xout = has_base ? at::empty_like(delta) : at::empty({0}, delta.options());
   const int64_t n = delta.numel(), batch = delta.size(0), d = per_sample_numel(delta);
-  const bool vec = aligned16({&delta, &grad, &out});
+  const bool vec = aligned16({&delta, &grad, &out, &base, has_base ? &xout : nullptr});
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   FASTAT_DISPATCH(delta.scalar_type(), "fastat_cuda::pgd_step", [&] {
@@ -244,22 +274,24 @@ at::Tensor pgd_step_cuda(const at::Tensor& delta_in, const at::Tensor& grad_in, 
     using A = acc_t<T>;
     constexpr int P = pack_size<T>();
     const Coef<A> cs = make_coef<A>(step_size, step_size_s), cr = make_coef<A>(radius, radius_s);
+    const T* bp = has_base ? base.data_ptr<T>() : nullptr;
+    T* xp = has_base ? xout.data_ptr<T>() : nullptr;
     if (l2) {
       const Tiling t = make_tiling(batch, d, vec ? P : 1);
       at::Tensor partials = partials_buffer(t, 4, delta, std::is_same<A, double>::value);
       at::Tensor coef = at::empty({batch > 0 ? 2 * batch : 1}, partials.options());
       launch_tile_reduce<P, 4>(t, vec, L2StatsOp<T>{delta.data_ptr<T>(), grad.data_ptr<T>()}, partials.data_ptr<A>(), stream);
       launch_finalize<4>(t, partials.data_ptr<A>(), L2CoefFin<A>{cs, cr, normalize, coef.data_ptr<A>()}, stream);
-      launch_elementwise<P>(n, vec, L2ApplyOp<T>{delta.data_ptr<T>(), grad.data_ptr<T>(), out.data_ptr<T>(), coef.data_ptr<A>(), d}, stream);
+      launch_elementwise<P>(n, vec, L2ApplyOp<T>{delta.data_ptr<T>(), grad.data_ptr<T>(), out.data_ptr<T>(), bp, xp, coef.data_ptr<A>(), d}, stream);
     } else {
       at::Tensor bad = at::zeros({batch > 0 ? batch : 1}, delta.options().dtype(at::kInt));
       launch_elementwise<P>(n, vec,
-                            LinfStepOp<T>{delta.data_ptr<T>(), grad.data_ptr<T>(), out.data_ptr<T>(), bad.data_ptr<int>(), cs, cr, normalize, d},
+                            LinfStepOp<T>{delta.data_ptr<T>(), grad.data_ptr<T>(), out.data_ptr<T>(), bp, xp, bad.data_ptr<int>(), cs, cr, normalize, d},
                             stream);
-      launch_elementwise<P>(n, vec, RestoreOp<T>{delta.data_ptr<T>(), out.data_ptr<T>(), bad.data_ptr<int>(), d}, stream);
+      launch_elementwise<P>(n, vec, RestoreOp<T>{delta.data_ptr<T>(), out.data_ptr<T>(), bp, xp, bad.data_ptr<int>(), d}, stream);
     }
   });
-  return out;
+  return {out, xout};
 }
 
 at::Tensor random_perturbation_cuda(const at::Tensor& like, const at::Tensor& seed, const c10::optional<at::Tensor>& radius,

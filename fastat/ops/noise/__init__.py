@@ -24,6 +24,7 @@ from .reference import SEED_LIMIT
 
 _dispatch.register_kernel("gaussian_noise", "torch", "fastat.ops.noise.reference:gaussian_noise")
 _dispatch.register_kernel("gaussian_noise", "triton", "fastat.ops.noise.triton_kernels:gaussian_noise")
+_dispatch.register_kernel("gaussian_noise", "cuda", "fastat.ops.noisy_input.cuda_kernels:gaussian_noise")
 
 
 def _check_int(name: str, value) -> int:

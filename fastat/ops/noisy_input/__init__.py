@@ -13,6 +13,7 @@ from ...schedules import alpha_sigma
 
 _dispatch.register_kernel("noisy_input", "torch", "fastat.ops.noisy_input.reference:noisy_input")
 _dispatch.register_kernel("noisy_input", "triton", "fastat.ops.noisy_input.triton_kernels:noisy_input")
+_dispatch.register_kernel("noisy_input", "cuda", "fastat.ops.noisy_input.cuda_kernels:noisy_input")
 
 
 def noisy_input(

@@ -25,6 +25,8 @@ _dispatch.register_kernel("pgd_step", "torch", "fastat.ops.perturbation.referenc
 _dispatch.register_kernel("random_perturbation", "torch", "fastat.ops.perturbation.reference:random_perturbation")
 _dispatch.register_kernel("pgd_step", "triton", "fastat.ops.perturbation.triton_kernels:pgd_step")
 _dispatch.register_kernel("random_perturbation", "triton", "fastat.ops.perturbation.triton_kernels:random_perturbation")
+_dispatch.register_kernel("pgd_step", "cuda", "fastat.ops.perturbation.cuda_kernels:pgd_step")
+_dispatch.register_kernel("random_perturbation", "cuda", "fastat.ops.perturbation.cuda_kernels:random_perturbation")
 
 
 def rms_radius(r: Coef, like: torch.Tensor) -> Coef:
