@@ -81,6 +81,15 @@ def _refusal(op: str, backend: str, device_type: str, args, kwargs) -> Optional[
     return check(*args, **kwargs) if check is not None else None
 
 
+def _built(backend: str) -> bool:
+    """auto never starts a compiler: a compiled backend counts only once built (fastat._ext.is_built)."""
+    if backend not in ("cpp", "cuda"):
+        return True
+    from . import _ext
+
+    return _ext.is_built(backend)
+
+
 def select(op: str, device: torch.device, *args, **kwargs) -> Callable:
     """The kernel that runs this call of `op` on `device` under the current backend choice."""
     requested = get_backend()
@@ -92,7 +101,7 @@ def select(op: str, device: torch.device, *args, **kwargs) -> Callable:
     order = _AUTO_ORDER_PER_OP.get((op, device.type), _AUTO_ORDER.get(device.type, ()))
     reasons = []
     for backend in order:
-        if backend not in _REGISTRY.get(op, {}) or not backend_status(backend)[0]:
+        if backend not in _REGISTRY.get(op, {}) or not backend_status(backend)[0] or not _built(backend):
             continue  # not built or not installed here: the reference is the expected path
         why = _refusal(op, backend, device.type, args, kwargs)
         if why is None:

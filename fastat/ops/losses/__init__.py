@@ -30,6 +30,9 @@ _dispatch.register_kernel("consistency_distance", "triton", "fastat.ops.losses.t
 _dispatch.register_kernel("equivariant_mse", "cuda", "fastat.ops.losses.cuda_kernels:equivariant_mse")
 _dispatch.register_kernel("equivariance_regularizer", "cuda", "fastat.ops.losses.cuda_kernels:equivariance_regularizer")
 _dispatch.register_kernel("consistency_distance", "cuda", "fastat.ops.losses.cuda_kernels:consistency_distance")
+_dispatch.register_kernel("equivariant_mse", "cpp", "fastat.ops.losses.cpp_kernels:equivariant_mse")
+_dispatch.register_kernel("equivariance_regularizer", "cpp", "fastat.ops.losses.cpp_kernels:equivariance_regularizer")
+_dispatch.register_kernel("consistency_distance", "cpp", "fastat.ops.losses.cpp_kernels:consistency_distance")
 
 
 def _finish(per_sample_loss: torch.Tensor, weight: Optional[Coef], reduction: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ from ..noise import Noise, check_noise
 from ...schedules import alpha_sigma
 
 _dispatch.register_kernel("noisy_input", "torch", "fastat.ops.noisy_input.reference:noisy_input")
+_dispatch.register_kernel("noisy_input", "cpp", "fastat.ops.noisy_input.cpp_kernels:noisy_input")
 _dispatch.register_kernel("noisy_input", "triton", "fastat.ops.noisy_input.triton_kernels:noisy_input")
 _dispatch.register_kernel("noisy_input", "cuda", "fastat.ops.noisy_input.cuda_kernels:noisy_input")
 

@@ -22,6 +22,7 @@ INITS = ("uniform", "normal", "zero")
 RADIUS_MODES = ("abs", "rms")
 
 _dispatch.register_kernel("pgd_step", "torch", "fastat.ops.perturbation.reference:pgd_step")
+_dispatch.register_kernel("pgd_step", "cpp", "fastat.ops.perturbation.cpp_kernels:pgd_step")
 _dispatch.register_kernel("random_perturbation", "torch", "fastat.ops.perturbation.reference:random_perturbation")
 _dispatch.register_kernel("pgd_step", "triton", "fastat.ops.perturbation.triton_kernels:pgd_step")
 _dispatch.register_kernel("random_perturbation", "triton", "fastat.ops.perturbation.triton_kernels:random_perturbation")

@@ -1,0 +1,324 @@
+"""Building and loading fastat's compiled extensions; the one place that knows whether they exist.
+
+Two kinds:
+    "cpp"   the CPU operator library (torch.ops.fastat_cpu.*), sources csrc/cpu/*.cpp. Loaded from, in
+            order: a prebuilt `fastat._C` (setup.py, if it built one), this machine's cache of an earlier
+            just-in-time build, else built now with torch.utils.cpp_extension.load (needs a C++ compiler
+            and ninja; ~30-60 s once, cached under $TORCH_EXTENSIONS_DIR or torch's default
+            ~/.cache/torch_extensions/<py>_cpu/fastat_cpu_ops).
+    "cuda"  the CUDA operator library (torch.ops.fastat_cuda.*), the module `fastat._C_cuda`, built ahead
+            of time by setup.py on a machine with a CUDA torch and nvcc; never built here.
+
+Policy (see fastat._dispatch.select): an explicit `set_backend("cpp")` builds on demand; "auto" uses a
+compiled backend only once it is built (`is_built`), so no user call ever waits for a compiler.
+
+Compiler flags. The cache may be shared between machines (a home directory on NFS, a container image),
+so the build must run on any x86-64 / aarch64 CPU: no -march=native. Portable -O3 vectorises the
+kernels' loops with the baseline ISA (SSE2 on x86-64, NEON on aarch64): the reductions keep 16
+independent accumulators, so they vectorise without -ffast-math and stay deterministic.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import shutil
+import sys
+import sysconfig
+import threading
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+from ._backend import BackendUnavailableError
+
+KINDS = ("cpp", "cuda")
+CPU_LIBRARY = "fastat_cpu_ops"  # JIT build name (the cache folder and the .so)
+CPU_NAMESPACE = "fastat_cpu"  # torch.ops.fastat_cpu
+CUDA_MODULE = "fastat._C_cuda"
+CUDA_NAMESPACE = "fastat_cuda"  # torch.ops.fastat_cuda
+PREBUILT_CPU_MODULE = "fastat._C"
+# setup.py (a prebuilt fastat._C) should use the same flags.
+CPU_CFLAGS = ("-O3", "-fopenmp")
+CPU_LDFLAGS = ("-fopenmp",)
+BUILD_SECONDS = "~40 s"  # measured cold JIT build on a 2-core box: 25-60 s
+
+_lock = threading.RLock()
+_loaded: dict = {}  # kind -> description of what was loaded
+_failed: dict = {}  # kind -> one-line reason a build or load failed (not retried in this process)
+_cpu_status_cache: Optional[Tuple[bool, str]] = None
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+def _source_dirs() -> List[Path]:
+    """Where csrc/cpu may be: the source tree (editable install, checkout), inside the package, or the
+    data files of a regular install (pyproject's [tool.setuptools.data-files])."""
+    package = Path(__file__).resolve().parent
+    return [
+        package.parent / "csrc" / "cpu",
+        package / "csrc" / "cpu",
+        Path(sysconfig.get_path("data")) / "share" / "fastat" / "csrc" / "cpu",
+    ]
+
+
+def cpu_sources() -> List[Path]:
+    """The CPU extension's .cpp files (the first folder that has them), or [] if none is found."""
+    for folder in _source_dirs():
+        if (folder / "ops.cpp").is_file():
+            return sorted(folder.glob("*.cpp"))
+    return []
+
+
+def _fingerprint(sources: List[Path]) -> str:
+    """Changes whenever a source, a flag, torch or Python changes: a cache with another one is stale."""
+    digest = hashlib.sha256()
+    for part in (CPU_LIBRARY, torch.__version__, sys.version, *CPU_CFLAGS, *CPU_LDFLAGS):
+        digest.update(part.encode() + b"\0")
+    headers = sorted(sources[0].parent.glob("*.h")) if sources else []
+    for path in sources + headers:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def cpu_build_dir() -> Path:
+    """torch's JIT build folder for the CPU extension (honours TORCH_EXTENSIONS_DIR)."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        tag = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        accelerator = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+        if torch.version.hip is not None:
+            accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+        root = os.path.join(cpp_extension.get_default_build_root(), f"{tag}_{accelerator}")
+    return Path(root) / CPU_LIBRARY
+
+
+def _cached_library() -> Optional[Path]:
+    """The cached .so of an earlier build of exactly these sources and flags, or None."""
+    sources = cpu_sources()
+    if not sources:
+        return None
+    folder = cpu_build_dir()
+    library, stamp = folder / f"{CPU_LIBRARY}.so", folder / "fastat_fingerprint.txt"
+    try:
+        if library.is_file() and stamp.read_text().strip() == _fingerprint(sources):
+            return library
+    except OSError:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------------------- toolchain
+
+def _toolchain_problem() -> Optional[str]:
+    """Why a JIT build cannot start here (no compiler, no ninja), or None."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler: {compiler!r} is not on PATH (install g++ or clang, or set CXX)"
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return "ninja not found on PATH (pip install ninja; with a venv, activate it so venv/bin is on PATH)"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    text = (errors or lines or [type(exc).__name__])[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def _load_cpp() -> None:
+    # 1. A prebuilt library from setup.py.
+    if importlib.util.find_spec(PREBUILT_CPU_MODULE) is not None:
+        try:
+            module = importlib.import_module(PREBUILT_CPU_MODULE)
+            _loaded["cpp"] = f"built (prebuilt {PREBUILT_CPU_MODULE} at {module.__file__})"
+            return
+        except ImportError as exc:  # built against another torch: fall back to the JIT build
+            _failed["prebuilt"] = f"prebuilt {PREBUILT_CPU_MODULE} does not load ({_one_line(exc)})"
+    # 2. This machine's cache of an earlier JIT build: no compiler, no ninja needed.
+    cached = _cached_library()
+    if cached is not None:
+        try:
+            torch.ops.load_library(str(cached))
+            _loaded["cpp"] = f"built (cached at {cached.parent})"
+            return
+        except OSError:
+            pass  # unreadable or truncated: rebuild
+    # 3. Build now.
+    sources = cpu_sources()
+    if not sources:
+        raise BackendUnavailableError(
+            "fastat's C++ sources (csrc/cpu) were not found; looked in " + ", ".join(map(str, _source_dirs()))
+        )
+    problem = _toolchain_problem()
+    if problem is not None:
+        raise BackendUnavailableError(f"cannot build the fastat C++ extension: {problem}")
+    from torch.utils import cpp_extension
+
+    folder = cpu_build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        library = cpp_extension.load(
+            name=CPU_LIBRARY,
+            sources=[str(s) for s in sources],
+            extra_cflags=list(CPU_CFLAGS),
+            extra_ldflags=list(CPU_LDFLAGS),
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=os.environ.get("FASTAT_VERBOSE_BUILD", "0") not in ("", "0"),
+        )
+    except Exception as exc:
+        raise BackendUnavailableError(
+            f"building the fastat C++ extension failed: {_one_line(exc)} "
+            f"(rerun with FASTAT_VERBOSE_BUILD=1 for the compiler output; build folder {folder})"
+        ) from exc
+    (folder / "fastat_fingerprint.txt").write_text(_fingerprint(sources) + "\n")
+    _loaded["cpp"] = f"built (cached at {Path(library).parent})"
+
+
+def _load_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("no CUDA GPU visible to torch")
+    if importlib.util.find_spec(CUDA_MODULE) is None:
+        raise BackendUnavailableError(_CUDA_NOT_BUILT)
+    try:
+        module = importlib.import_module(CUDA_MODULE)
+    except ImportError as exc:
+        raise BackendUnavailableError(f"{CUDA_MODULE} does not load: {_one_line(exc)}") from exc
+    _loaded["cuda"] = f"built ({CUDA_MODULE} at {module.__file__})"
+
+
+_CUDA_NOT_BUILT = (
+    f"not built: {CUDA_MODULE} is built by setup.py on a machine with a CUDA torch and nvcc "
+    "(CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .)"
+)
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
+def load(kind: str):
+    """Load (building the CPU library if needed) and return the op namespace: torch.ops.fastat_cpu for
+    "cpp", torch.ops.fastat_cuda for "cuda". Raises BackendUnavailableError with the reason; a failed
+    build is not retried in the same process (the same error is raised again)."""
+    global _cpu_status_cache
+    _check_kind(kind)
+    namespace = CPU_NAMESPACE if kind == "cpp" else CUDA_NAMESPACE
+    if kind in _loaded:
+        return getattr(torch.ops, namespace)
+    with _lock:
+        if kind in _failed:
+            raise BackendUnavailableError(_failed[kind])
+        if kind not in _loaded:
+            try:
+                _load_cpp() if kind == "cpp" else _load_cuda()
+            except BackendUnavailableError as exc:
+                if kind == "cpp":
+                    _failed[kind] = str(exc)
+                _cpu_status_cache = None
+                raise
+            _cpu_status_cache = None
+    return getattr(torch.ops, namespace)
+
+
+def is_built(kind: str) -> bool:
+    """True when `load(kind)` needs no compiler: already loaded, prebuilt, or cached from an earlier build."""
+    _check_kind(kind)
+    if kind in _loaded:
+        return True
+    if kind in _failed:
+        return False
+    if kind == "cuda":
+        return importlib.util.find_spec(CUDA_MODULE) is not None
+    if importlib.util.find_spec(PREBUILT_CPU_MODULE) is not None and "prebuilt" not in _failed:
+        return True
+    return status("cpp")[1].startswith("built")
+
+
+def status(kind: str) -> Tuple[bool, str]:
+    """(available, reason). "cpp" is available when built or buildable here (a C++ compiler and ninja);
+    the reason says which: "built (cached at ...)", "not built yet: builds on first use (~40 s) ...",
+    or why not. "cuda" is available when fastat._C_cuda loads and a GPU is visible."""
+    global _cpu_status_cache
+    _check_kind(kind)
+    if kind in _loaded:
+        return True, _loaded[kind]
+    if kind in _failed:
+        return False, _failed[kind]
+    if kind == "cuda":
+        try:
+            load("cuda")
+        except BackendUnavailableError as exc:
+            return False, str(exc)
+        return True, _loaded["cuda"]
+    if _cpu_status_cache is None:
+        _cpu_status_cache = _cpu_status()
+    return _cpu_status_cache
+
+
+def _cpu_status() -> Tuple[bool, str]:
+    prebuilt = importlib.util.find_spec(PREBUILT_CPU_MODULE)
+    if prebuilt is not None and "prebuilt" not in _failed:
+        return True, f"built (prebuilt {PREBUILT_CPU_MODULE} at {prebuilt.origin}), loads on first use"
+    cached = _cached_library()
+    if cached is not None:
+        return True, f"built (cached at {cached.parent}), loads on first use"
+    if not cpu_sources():
+        return False, "C++ sources (csrc/cpu) not found in this install"
+    problem = _toolchain_problem()
+    if problem is not None:
+        return False, f"not built, and cannot build here: {problem}"
+    return True, f"not built yet: builds on first use ({BUILD_SECONDS}) into {cpu_build_dir()}"
+
+
+# ----------------------------------------------------- conventions shared by the ops' Python glue
+
+def coef_args(coef) -> Tuple[Optional[torch.Tensor], float]:
+    """A per-sample coefficient (float or [B] tensor) as the C++ ops take it: (tensor or None, float)."""
+    if isinstance(coef, torch.Tensor):
+        return coef.detach(), 0.0
+    return None, float(coef)
+
+
+def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """c10's TensorImpl::compute_non_overlapping_and_dense: dims of size >= 2 sorted by stride tile memory."""
+    dims = sorted((t.stride(i), t.shape[i]) for i in range(t.ndim) if t.shape[i] >= 2)
+    required = 1
+    for stride, size in dims:
+        if stride != required:
+            return False
+        required *= size
+    return True
+
+
+def flat_compatible(*tensors: Optional[torch.Tensor]) -> bool:
+    """Mirror of csrc/cpu/common.h flat_compatible: same sizes and strides, dense, each sample one block.
+    The kernels keep such a layout (channels_last stays channels_last); others are made contiguous."""
+    present = [t for t in tensors if t is not None]
+    ref = present[0]
+    if not _non_overlapping_and_dense(ref):
+        return False
+    if ref.ndim > 1 and ref.shape[0] > 1 and ref.stride(0) != ref[0].numel():
+        return False
+    return all(t.shape == ref.shape and t.stride() == ref.stride() for t in present)
+
+
+def empty_like_kernel(*tensors: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An empty output laid out as the C++ kernels lay theirs out (for the fake/meta implementations)."""
+    ref = tensors[0]
+    dtype = dtype or ref.dtype
+    if flat_compatible(*tensors):
+        return torch.empty_like(ref, dtype=dtype)
+    return ref.new_empty(ref.shape, dtype=dtype)

@@ -1,0 +1,116 @@
+"""CPU C++ kernels of the per-sample losses (torch.ops.fastat_cpu.residual_loss and its backward).
+
+All three losses are one residual r = a - (b + k_i * c) reduced per sample:
+    equivariant_mse:          a = pred, b = noise, c = delta (detached for "delta_detach"), k_i = 1/sigma_i
+    equivariance_regularizer: a = pred_perturbed, b = pred_clean (detached if detach_anchor), c = omega, k = 1
+    consistency_distance:     a = pred, b = target; metric l2 -> mean r^2, l1 -> mean |r|,
+                              pseudo_huber -> sqrt(sum r^2 + c^2) - c
+The forward reads the inputs once and, when a gradient is needed, writes r (fp32; fp64 for fp64) so the
+backward is one pass writing only the gradients that are needed. Returns the per-sample loss [B] in fp32
+(fp64 for fp64 inputs), like the reference. Importing this module loads (and if needed builds) the CPU
+extension.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ... import _dispatch, _ext
+from ..._shapes import Coef
+
+_ops = _ext.load("cpp")
+
+_METRICS = {"l2": 0, "l1": 1, "pseudo_huber": 2}
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fastat_cpu::residual_loss")
+def _residual_loss_fake(a, b, c, k_t, k, metric, huber_c, save_residual):
+    acc = _acc_dtype(a.dtype)
+    residual = _ext.empty_like_kernel(a, b, c, dtype=acc) if save_residual else a.new_empty((0,), dtype=acc)
+    return a.new_empty((a.shape[0],), dtype=acc), residual
+
+
+@torch.library.register_fake("fastat_cpu::residual_loss_backward")
+def _residual_loss_backward_fake(residual, grad_loss, loss, k_t, k, metric, huber_c, need_a, need_b, need_c, dtype):
+    def make(need):
+        return _ext.empty_like_kernel(residual, dtype=dtype) if need else residual.new_empty((0,), dtype=dtype)
+
+    return make(need_a), make(need_b), make(need_c)
+
+
+def _setup_context(ctx, inputs, output):
+    a, _, _, k_t, k, metric, huber_c, save_residual = inputs
+    loss, residual = output
+    if save_residual:
+        ctx.save_for_backward(residual, loss)
+    ctx.args = (k_t, k, metric, huber_c, save_residual, a.dtype)
+
+
+def _backward(ctx, grad_loss, _grad_residual):
+    k_t, k, metric, huber_c, saved, dtype = ctx.args
+    if not saved:
+        raise RuntimeError("fastat_cpu::residual_loss was called with save_residual=False; it cannot be differentiated")
+    residual, loss = ctx.saved_tensors
+    need_a, need_b, need_c = ctx.needs_input_grad[:3]
+    if grad_loss is None:
+        return (None,) * 8
+    ga, gb, gc = _ops.residual_loss_backward(
+        residual, grad_loss, loss, k_t, k, metric, huber_c, need_a, need_b, need_c, dtype
+    )
+    return (ga if need_a else None, gb if need_b else None, gc if need_c else None) + (None,) * 5
+
+
+torch.library.register_autograd("fastat_cpu::residual_loss", _backward, setup_context=_setup_context)
+
+
+def _residual(a, b, c, k: Coef, metric: str = "l2", huber_c: float = 0.0) -> torch.Tensor:
+    present = [t for t in (a, b, c) if t is not None]
+    dtype = present[0].dtype
+    for t in present[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)  # exact upcast: the kernel sees one dtype
+    a, b = a.to(dtype), b.to(dtype)
+    c = c.to(dtype) if c is not None else None
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, c) if t is not None)
+    k_t, k_f = _ext.coef_args(k)
+    loss, _ = _ops.residual_loss(a, b, c, k_t, k_f, _METRICS[metric], float(huber_c), save)
+    return loss
+
+
+def _sigma_needs_grad(pred, noise, delta, sigma, target) -> Optional[str]:
+    if target != "original" and isinstance(sigma, torch.Tensor) and sigma.requires_grad and torch.is_grad_enabled():
+        return "sigma requires grad; the cpp kernel differentiates pred, noise and delta only"
+    return None
+
+
+@_dispatch.refuses_when(_sigma_needs_grad)
+def equivariant_mse(
+    pred: torch.Tensor, noise, delta: Optional[torch.Tensor], sigma: Coef, target: str
+) -> torch.Tensor:
+    if not isinstance(noise, torch.Tensor):  # SeededNoise: read as a tensor here (in-kernel only in Triton)
+        from ..noise import materialize
+
+        noise = materialize(noise, pred)
+    if target == "original" or delta is None:
+        return _residual(pred, noise, None, 0.0)
+    inverse_sigma = 1.0 / sigma if not isinstance(sigma, torch.Tensor) else 1.0 / sigma.detach().double()
+    return _residual(pred, noise, delta.detach() if target == "delta_detach" else delta, inverse_sigma)
+
+
+def equivariance_regularizer(
+    pred_perturbed: torch.Tensor,
+    pred_clean: torch.Tensor,
+    omega: Optional[torch.Tensor],
+    detach_anchor: bool,
+    mode: str,
+) -> torch.Tensor:
+    anchor = pred_clean.detach() if detach_anchor else pred_clean
+    return _residual(pred_perturbed, anchor, omega if mode == "equivariant" else None, 1.0)
+
+
+def consistency_distance(pred: torch.Tensor, target: torch.Tensor, metric: str, c: float) -> torch.Tensor:
+    return _residual(pred, target, None, 0.0, metric, c)
