@@ -71,9 +71,10 @@ def pgd_step(
         check_like("model_input_base", model_input_base, "delta", delta)
     step_size = per_sample("step_size", step_size, delta.shape[0], delta.device, nonnegative=True)
     radius = _radius("radius", radius, delta, norm, radius_mode)
-    return _dispatch.call(
-        "pgd_step", delta.device, delta, grad, step_size, radius, norm, bool(normalize), model_input_base
-    )
+    args = (delta, grad, step_size, radius, norm, bool(normalize))
+    if model_input_base is None:  # kernels written before model_input_base existed keep working
+        return _dispatch.call("pgd_step", delta.device, *args)
+    return _dispatch.call("pgd_step", delta.device, *args, model_input_base)
 
 
 def random_perturbation(
