@@ -1,0 +1,91 @@
+"""`fastat bench`: op and step benchmarks for the backends this machine can run, written as JSON, markdown, PNG.
+
+    run(device, quick, out_dir, suites) -> {"json", "md", "png", "rows", "meta"}
+
+Files: <out_dir>/<device>-<date>[-quick].json/.md/.png, <device> = "cpu" or the GPU's name. The "steps" suite
+comes from fastat.bench.steps.run_step_benchmarks(device, quick=...) when that module exists.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+from . import report
+
+SUITES = ("ops", "steps")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _step_rows(device, quick: bool, log: Callable[[str], None]):
+    """Rows of fastat.bench.steps, or (None, why) when that suite does not exist here."""
+    try:
+        steps = importlib.import_module("fastat.bench.steps")
+    except ModuleNotFoundError as exc:
+        if exc.name != "fastat.bench.steps":
+            raise
+        return None, "fastat.bench.steps is not present in this fastat"
+    if not hasattr(steps, "run_step_benchmarks"):
+        return None, "fastat.bench.steps has no run_step_benchmarks"
+    try:
+        result = steps.run_step_benchmarks(device, quick=quick)
+    except Exception as exc:  # a failing suite must not lose the other suite's results
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        return None, f"run_step_benchmarks failed: {type(exc).__name__}: {first}"
+    rows = result.get("rows", result) if isinstance(result, dict) else result
+    out = []
+    for r in rows:
+        r = dict(r)
+        r["suite"] = "steps"
+        out.append(r)
+    return out, None
+
+
+def run(device: str = "cpu", quick: bool = False, out_dir: str = "benchmarks/results",
+        suites: Optional[Iterable[str]] = None, log: Callable[[str], None] = _log,
+        note: Optional[str] = None, compile: Optional[bool] = None) -> Dict:
+    """Run the suites on `device` and write the result files; returns their paths, the rows and the meta."""
+    from .ops import run_op_benchmarks
+
+    suites = list(SUITES if suites is None else ([s.strip() for s in suites.split(",")] if isinstance(suites, str) else suites))
+    bad = [s for s in suites if s not in SUITES]
+    if bad or not suites:
+        raise ValueError(f"suites must be a non-empty subset of {SUITES}, got {suites!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is visible; use --device cpu")
+    meta = report.machine_meta(dev)
+    meta.update(quick=quick, suites=suites, skipped={}, providers=[], note=note)
+    rows: List[Dict] = []
+    if "ops" in suites:
+        log(f"ops suite on {meta['device_name']}{' (quick)' if quick else ''}")
+        ops = run_op_benchmarks(dev, quick=quick, compile=compile, log=log)
+        rows += ops["rows"]
+        meta.update(copy=ops["copy"], providers=ops["providers"])
+        meta["skipped"].update(ops["skipped"])
+    if "steps" in suites:
+        log("steps suite")
+        step_rows, why = _step_rows(dev, quick, log)
+        if step_rows is None:
+            meta["skipped"]["steps"] = why
+            log(f"  skipped: {why}")
+        else:
+            rows += step_rows
+    for name, why in meta["skipped"].items():
+        log(f"skipped column {name}: {why}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{report.device_slug(dev)}-{datetime.date.today().isoformat()}{'-quick' if quick else ''}"
+    json_path = report.write_json(meta, rows, out / f"{stem}.json")
+    md_path = out / f"{stem}.md"
+    md_path.write_text(report.markdown(meta, rows) + "\n")
+    png = report.plot(meta, rows, out / f"{stem}.png")
+    log(f"wrote {json_path}, {md_path}" + (f", {png}" if png else " (no PNG: matplotlib missing or no op rows)"))
+    return {"json": json_path, "md": md_path, "png": png, "rows": rows, "meta": meta}

@@ -1,0 +1,41 @@
+"""A small MLP eps-denoiser for low-dimensional data, with a sinusoidal embedding of the timestep."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[B] timesteps -> [B, dim]: (cos(t f_i), sin(t f_i)), f_i = max_period^(-i / (dim/2)) (DDPM/ADM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=timesteps.device, dtype=torch.float32) / half)
+    args = timesteps.reshape(-1).float()[:, None] * freqs[None]
+    emb = torch.cat([args.cos(), args.sin()], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
+class MLPDenoiser(nn.Module):
+    """eps_theta(x_t, t): concat(x_t, emb(t)) -> [Linear -> SiLU] x depth -> Linear(dim).
+
+    Called as model(x_t, timesteps) with x_t [B, dim] and integer timesteps [B] (fastat's convention)."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, embed_dim: int = 32):
+        super().__init__()
+        if depth < 1 or hidden < 1 or embed_dim < 2:
+            raise ValueError(f"need depth >= 1, hidden >= 1, embed_dim >= 2; got {depth}, {hidden}, {embed_dim}")
+        self.embed_dim = embed_dim
+        layers = []
+        width = dim + embed_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        emb = sinusoidal_embedding(timesteps, self.embed_dim).to(x.dtype)
+        if emb.shape[0] == 1 and x.shape[0] != 1:
+            emb = emb.expand(x.shape[0], -1)
+        return self.net(torch.cat([x, emb], dim=1))
