@@ -15,7 +15,9 @@
 namespace fastat {
 namespace {
 
-template <typename T, bool HAS_C, int METRIC, bool SAVE>
+// The metric and the residual store are warp-uniform runtime switches, not template parameters: the branch
+// costs nothing in a memory-bound loop and keeps the instantiation count (and nvcc time) down.
+template <typename T, bool HAS_C>
 struct ResidualOp {
   using A = acc_t<T>;
   const T* __restrict__ a;
@@ -23,6 +25,7 @@ struct ResidualOp {
   const T* __restrict__ c;
   T* __restrict__ residual;
   Coef<A> k;
+  bool abs_metric;  // metric 1 sums |r|, the others r^2
   bool seeded;  // b drawn from (seed, offset) at the flat index (contiguous inputs: flat = logical index)
   uint64_t seed, offset;
   A kb, sum;
@@ -45,9 +48,9 @@ struct ResidualOp {
       A r = av[j] - bv[j];
       if constexpr (HAS_C) r -= cv[j] / kb;
       av[j] = r;
-      sum += METRIC == 1 ? fabs(r) : r * r;
+      sum += abs_metric ? fabs(r) : r * r;
     }
-    if constexpr (SAVE) store<N>(residual, i, av);
+    if (residual != nullptr) store<N>(residual, i, av);
   }
   __device__ __forceinline__ void partials(A (&out)[1]) const { out[0] = sum; }
 };
@@ -67,7 +70,7 @@ struct LossFin {
   }
 };
 
-template <typename T, int METRIC>
+template <typename T>
 struct ResidualGradOp {
   using A = acc_t<T>;
   const T* __restrict__ residual;
@@ -78,11 +81,12 @@ struct ResidualGradOp {
   T* __restrict__ out_c;
   Coef<A> k;
   A huber_c;
+  int metric;
   int64_t d;
   __device__ __forceinline__ A factor(int64_t b) const {
     const A g = grad_loss[b];
-    if (METRIC == 0) return A(2) * g / A(d);
-    if (METRIC == 1) return g / A(d);
+    if (metric == 0) return A(2) * g / A(d);
+    if (metric == 1) return g / A(d);
     return g / (loss[b] + huber_c);  // d/dr sqrt(S + c^2) = r / sqrt(S + c^2), and sqrt(S + c^2) = loss + c
   }
   template <int N> __device__ __forceinline__ void run(int64_t i) {
@@ -97,7 +101,7 @@ struct ResidualGradOp {
         f = factor(cur.b);
         if (out_c != nullptr) kb = k(cur.b);
       }
-      const A v = METRIC == 1 ? A((r[j] > A(0)) - (r[j] < A(0))) : r[j];
+      const A v = metric == 1 ? A((r[j] > A(0)) - (r[j] < A(0))) : r[j];
       ga[j] = f * v;
       gb[j] = -ga[j];
       gc[j] = -ga[j] / kb;
@@ -108,20 +112,15 @@ struct ResidualGradOp {
   }
 };
 
-template <typename T, bool HAS_C, int METRIC>
-void launch_residual(const Tiling& t, bool vec, bool save, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
-                     at::Tensor& residual, const Coef<acc_t<T>>& k, bool seeded, uint64_t seed, uint64_t offset,
-                     acc_t<T>* partials, cudaStream_t stream) {
+template <typename T, bool HAS_C>
+void launch_residual(const Tiling& t, bool vec, bool save, bool abs_metric, const at::Tensor& a, const at::Tensor& b,
+                     const at::Tensor& c, at::Tensor& residual, const Coef<acc_t<T>>& k, bool seeded, uint64_t seed,
+                     uint64_t offset, acc_t<T>* partials, cudaStream_t stream) {
   constexpr int P = pack_size<T>();
   const T* bp = seeded ? nullptr : b.data_ptr<T>();
   const T* cp = HAS_C ? c.data_ptr<T>() : nullptr;
-  if (save) {
-    launch_tile_reduce<P, 1>(
-        t, vec, ResidualOp<T, HAS_C, METRIC, true>{a.data_ptr<T>(), bp, cp, residual.data_ptr<T>(), k, seeded, seed, offset}, partials, stream);
-  } else {
-    launch_tile_reduce<P, 1>(t, vec, ResidualOp<T, HAS_C, METRIC, false>{a.data_ptr<T>(), bp, cp, nullptr, k, seeded, seed, offset},
-                             partials, stream);
-  }
+  T* rp = save ? residual.data_ptr<T>() : nullptr;
+  launch_tile_reduce<P, 1>(t, vec, ResidualOp<T, HAS_C>{a.data_ptr<T>(), bp, cp, rp, k, abs_metric, seeded, seed, offset}, partials, stream);
 }
 
 }  // namespace
@@ -163,11 +162,9 @@ std::tuple<at::Tensor, at::Tensor> residual_loss_cuda(const at::Tensor& a_in, co
     A* pp = partials.data_ptr<A>();
     const Coef<A> ck = make_coef<A>(k, k_s);
     if (has_c) {
-      if (metric == 1) launch_residual<T, true, 1>(t, vec, save_residual, a, b, c_t, residual, ck, seeded, sd, off, pp, stream);
-      else launch_residual<T, true, 0>(t, vec, save_residual, a, b, c_t, residual, ck, seeded, sd, off, pp, stream);
+      launch_residual<T, true>(t, vec, save_residual, metric == 1, a, b, c_t, residual, ck, seeded, sd, off, pp, stream);
     } else {
-      if (metric == 1) launch_residual<T, false, 1>(t, vec, save_residual, a, b, c_t, residual, ck, seeded, sd, off, pp, stream);
-      else launch_residual<T, false, 0>(t, vec, save_residual, a, b, c_t, residual, ck, seeded, sd, off, pp, stream);
+      launch_residual<T, false>(t, vec, save_residual, metric == 1, a, b, c_t, residual, ck, seeded, sd, off, pp, stream);
     }
     launch_finalize<1>(t, pp, LossFin<A>{static_cast<int>(metric), d, static_cast<A>(huber_c), loss.data_ptr<A>()}, stream);
   });
@@ -207,13 +204,8 @@ std::vector<at::Tensor> residual_loss_backward_cuda(const at::Tensor& grad_loss_
       const A hc = static_cast<A>(huber_c);
       const A* gl = grad_loss.data_ptr<A>();
       const A* ls = loss.data_ptr<A>();
-      if (metric == 0) {
-        launch_elementwise<P>(n, vec, ResidualGradOp<T, 0>{residual.data_ptr<T>(), gl, ls, pa, pb, pc, ck, hc, d}, stream);
-      } else if (metric == 1) {
-        launch_elementwise<P>(n, vec, ResidualGradOp<T, 1>{residual.data_ptr<T>(), gl, ls, pa, pb, pc, ck, hc, d}, stream);
-      } else {
-        launch_elementwise<P>(n, vec, ResidualGradOp<T, 2>{residual.data_ptr<T>(), gl, ls, pa, pb, pc, ck, hc, d}, stream);
-      }
+      launch_elementwise<P>(n, vec, ResidualGradOp<T>{residual.data_ptr<T>(), gl, ls, pa, pb, pc, ck, hc, static_cast<int>(metric), d},
+                            stream);
     });
   }
   if (need_a) outs.push_back(ga);
