@@ -97,6 +97,10 @@ def _pgd_apply_kernel(
         dg = _row_total(partials, 1, rows, B, nsplit, NSPLIT_P2)
         dd = _row_total(partials, 2, rows, B, nsplit, NSPLIT_P2)
         bad = _row_total(partials, 3, rows, B, nsplit, NSPLIT_P2)
+    # a non-finite sample is left unchanged below; keep its lanes free of inf*0 on the way
+    g = tl.where(bad == 0, g, 0.0)
+    gg = tl.where(bad == 0, gg, 0.0)
+    dg = tl.where(bad == 0, dg, 0.0)
     step = tu.row_coef(step_ptr, step_s, rows, rows < B, STEP_T)
     radius = tu.row_coef(rad_ptr, rad_s, rows, rows < B, RAD_T)
     if L2:
@@ -229,6 +233,7 @@ def _random_apply_kernel(
             value = tl.minimum(tl.maximum(tl.randn(seed, offs) * radius, -radius), radius)
         else:
             value = (2.0 * tl.rand(seed, offs) - 1.0) * radius
+    value = tl.where(mask, value, 0.0)  # padding lanes may hold n / 1e-8: keep them out of the cast
     tl.store(out + offs, value.to(out.dtype.element_ty), mask=mask)
 
 
