@@ -41,7 +41,21 @@ from fastat.ops.perturbation import cpp_kernels as pgd_cpp  # noqa: E402
 
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SHAPES = [(7, 2), (4, 3, 5, 6), (2, 4, 3, 5, 6), (1, 1), (3, 17)]
-BIG = (2, 3, 100, 70)  # 21,000 elements per sample: two chunks of the C++ reductions
+BIG = (2, 3, 80, 70)  # 16,800 elements per sample: two chunks of the C++ reductions (16,384 each)
+
+
+def _cases(shapes, big=True):
+    """Every dtype in every layout on a 4-D shape; all shapes in fp32 (three layouts) and in the low
+    precisions (contiguous); the two-chunk shape in fp32 (three layouts) and bf16."""
+    out = [(shapes[1], kind, dtype) for dtype in ALL_DTYPES for kind in LAYOUTS]
+    out += [(shape, kind, torch.float32) for shape in shapes if shape != shapes[1] for kind in LAYOUTS]
+    out += [(shape, "contiguous", dtype) for shape in shapes if shape != shapes[1] for dtype in ALL_DTYPES[1:]]
+    if big:
+        out += [(BIG, kind, torch.float32) for kind in LAYOUTS] + [(BIG, "channels_last", torch.bfloat16)]
+    return [pytest.param(*case, id=f"{case[0]}-{case[1]}-{str(case[2])[6:]}") for case in out]
+
+
+CASES = _cases(SHAPES)
 
 
 def gen(*parts):
@@ -66,9 +80,7 @@ def coef(kind, batch, low, high, g):
 
 # ------------------------------------------------------------------------------------------ noisy_input
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("kind", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES + [BIG], ids=str)
+@pytest.mark.parametrize("shape,kind,dtype", CASES)
 def test_noisy_input_matches_formula(shape, kind, dtype):
     g = gen("noisy", shape, kind, dtype)
     x0, noise, delta = (data(shape, dtype, kind, g) for _ in range(3))
@@ -133,9 +145,7 @@ def _pgd_inputs(shape, dtype, kind, g):
     return delta, grad, radius
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("kind", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES + [BIG], ids=str)
+@pytest.mark.parametrize("shape,kind,dtype", CASES)
 def test_pgd_step_l2_matches_formula(shape, kind, dtype):
     g = gen("pgd-l2", shape, kind, dtype)
     delta, grad, radius = _pgd_inputs(shape, dtype, kind, g)
@@ -147,9 +157,7 @@ def test_pgd_step_l2_matches_formula(shape, kind, dtype):
         assert bool((out.double().flatten(1).norm(dim=1) <= radius.double() * (1 + 1e-2) + 1e-6).all())
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("kind", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES + [BIG], ids=str)
+@pytest.mark.parametrize("shape,kind,dtype", CASES)
 def test_pgd_step_linf_matches_formula(shape, kind, dtype):
     g = gen("pgd-linf", shape, kind, dtype)
     delta, grad, _ = _pgd_inputs(shape, dtype, kind, g)
@@ -235,9 +243,7 @@ def want_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("kind", LAYOUTS)
-@pytest.mark.parametrize("shape", [(7, 2), (4, 3, 5, 6), (2, 4, 3, 5, 6), BIG], ids=str)
+@pytest.mark.parametrize("shape,kind,dtype", _cases([(7, 2), (4, 3, 5, 6), (2, 4, 3, 5, 6)], big=False))
 @pytest.mark.parametrize("target", ("delta", "delta_detach", "original"))
 def test_equivariant_mse_values_and_gradients(target, shape, kind, dtype):
     g = gen("mse", target, shape, kind, dtype)
@@ -269,9 +275,7 @@ def test_equivariance_regularizer_values_and_gradients(detach_anchor, mode, kind
     close(loss_cpp.equivariance_regularizer(*base, detach_anchor, mode), expected, dtype)
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("kind", LAYOUTS)
-@pytest.mark.parametrize("shape", [(7, 2), (4, 3, 5, 6), BIG], ids=str)
+@pytest.mark.parametrize("shape,kind,dtype", _cases([(7, 2), (4, 3, 5, 6)]))
 @pytest.mark.parametrize("metric", ("l2", "l1", "pseudo_huber"))
 def test_consistency_distance_values_and_gradients(metric, shape, kind, dtype):
     g = gen("cm", metric, shape, kind, dtype)

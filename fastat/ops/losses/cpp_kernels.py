@@ -68,6 +68,17 @@ def _backward(ctx, grad_loss, _grad_residual):
 torch.library.register_autograd("fastat_cpu::residual_loss", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "double backward through fastat's cpp losses is not implemented; use fastat.set_backend('torch') for it"
+    )
+
+
+torch.library.register_autograd(
+    "fastat_cpu::residual_loss_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+)
+
+
 def _residual(a, b, c, k: Coef, metric: str = "l2", huber_c: float = 0.0) -> torch.Tensor:
     present = [t for t in (a, b, c) if t is not None]
     dtype = present[0].dtype

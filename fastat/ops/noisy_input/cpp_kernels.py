@@ -43,6 +43,17 @@ def _backward(ctx, grad):
 torch.library.register_autograd("fastat_cpu::noisy_input", _backward, setup_context=_setup_context)
 
 
+def _scale_setup_context(ctx, inputs, output):
+    _, ctx.coef_t, ctx.coef = inputs
+
+
+def _scale_backward(ctx, grad):  # linear in grad: the backward is the same scaling (double backward)
+    return _ops.scale_by_sample(grad, ctx.coef_t, ctx.coef), None, None
+
+
+torch.library.register_autograd("fastat_cpu::scale_by_sample", _scale_backward, setup_context=_scale_setup_context)
+
+
 def _coefficient_needs_grad(x0, noise, alpha, sigma, delta=None) -> Optional[str]:
     for name, coef in (("alpha", alpha), ("sigma", sigma)):
         if isinstance(coef, torch.Tensor) and coef.requires_grad and torch.is_grad_enabled():

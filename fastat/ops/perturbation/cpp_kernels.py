@@ -27,6 +27,12 @@ def _pgd_step_fake(delta, grad, step_t, step, radius_t, radius, l2, normalize, b
     return _ext.empty_like_kernel(delta, grad, base), x
 
 
+# Not differentiable: autograd passes straight through (outputs never require grad); the glue refuses calls
+# that would need a gradient, so auto falls back to the differentiable reference for those.
+_autograd_lib = torch.library.Library("fastat_cpu", "IMPL")
+_autograd_lib.impl("pgd_step", torch.library.fallthrough_kernel, "Autograd")
+
+
 def _needs_autograd(delta, grad, step_size, radius, norm="l2", normalize=True, model_input_base=None) -> Optional[str]:
     tensors = (delta, grad, step_size, radius, model_input_base)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
