@@ -10,6 +10,7 @@ from fastat.cli import main
 from fastat.demo import run_demo
 from fastat.demo.mixture import corrupt, ring_mixture
 from fastat.demo.models import MLPDenoiser, sinusoidal_embedding
+from fastat.demo.report import summarize_runs
 from fastat.demo.train import METHODS
 
 
@@ -77,3 +78,5 @@ def test_demo_quick_smoke_writes_files_with_finite_numbers(tmp_path, capsys):
             if method != "exact":
                 assert row["time"]["ms_per_step"] > 0 and row["train"]["optimizer_steps"] >= 40
     assert data["claims"] and all(isinstance(c["holds"], bool) for c in data["claims"].values())
+    summary = summarize_runs([str(out / "demo.json")] * 2)
+    assert summary.count("| p2_adversarial |") == 3 and "| P2 noisy p2_random: err_clean below standard |" in summary

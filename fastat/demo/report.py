@@ -139,3 +139,49 @@ def make_figure(results: Dict, samples: Dict, train_sets: Dict, reference: torch
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+SUMMARY_METRICS = [
+    ("err_clean", lambda r: r["denoiser_error"]["clean"]),
+    ("err_pgd", lambda r: r["denoiser_error"]["pgd"]),
+    ("SW2", lambda r: r["samples"]["swd"]),
+    ("MMD", lambda r: r["samples"]["mmd"]),
+    ("W2", lambda r: r["samples"]["w2"]),
+    ("SW2@5", lambda r: r["few_step"]["5"]["swd"]),
+    ("SW2@10", lambda r: r["few_step"]["10"]["swd"]),
+    ("traj@5", lambda r: r["few_step"]["5"]["traj_err"]),
+    ("traj@10", lambda r: r["few_step"]["10"]["traj_err"]),
+    ("traj@20", lambda r: r["few_step"]["20"]["traj_err"]),
+    ("time_x", lambda r: r["time"]["relative_to_standard"]),
+]
+
+
+def summarize_runs(paths: List[str]) -> str:
+    """Markdown: per setting and method, the mean (min-max) of the main metrics over several demo.json files
+    (e.g. seeds), and how often each claim held."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    out = [f"Runs: {len(runs)} ({', '.join(str(Path(p)) for p in paths)}); cells are mean (min-max) over runs.", ""]
+    for setting in runs[0]["results"]:
+        out += [f"**{setting}** ({runs[0]['settings'][setting]})", "",
+                "| method | " + " | ".join(n for n, _ in SUMMARY_METRICS) + " |", "|---|" + "---|" * len(SUMMARY_METRICS)]
+        for method in runs[0]["results"][setting]:
+            cells = []
+            for _, fn in SUMMARY_METRICS:
+                vals = [_get(fn, run["results"][setting][method]) for run in runs]
+                vals = [v for v in vals if v is not None and not math.isnan(v)]
+                cells.append("-" if not vals else (f"{sum(vals) / len(vals):.4f}" if len(vals) == 1 else
+                             f"{sum(vals) / len(vals):.4f} ({min(vals):.4f}-{max(vals):.4f})"))
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["| claim | held in runs | wins / comparisons per run |", "|---|---|---|"]
+    for name in runs[0]["claims"]:
+        held = sum(bool(run["claims"][name]["holds"]) for run in runs)
+        wins = ", ".join(f"{run['claims'][name]['wins']}/{run['claims'][name]['comparisons']}" for run in runs)
+        out.append(f"| {name} | {held}/{len(runs)} | {wins} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(summarize_runs(sys.argv[1:]))

@@ -41,15 +41,27 @@ def _abs_radius(radius: float, like: torch.Tensor, norm: str, radius_mode: str) 
     return radius * math.sqrt(per_sample_numel(like)) if (radius_mode == "rms" and norm == "l2") else float(radius)
 
 
+def _gen_device(generator: Optional[torch.Generator]):
+    return generator.device if generator is not None else "cpu"
+
+
 def random_on_sphere(like: torch.Tensor, radius: float, norm: str = "l2",
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """delta with ||delta||_2 = radius exactly and a uniform direction (L2), or uniform signs * radius (Linf)."""
     check_choice("norm", norm, ("l2", "linf"))
-    g = torch.randn(like.shape, dtype=torch.float32, generator=generator).to(like.device)
+    g = torch.randn(like.shape, dtype=torch.float32, generator=generator, device=_gen_device(generator)).to(like.device)
     if norm == "linf":
         return (torch.sign(g) * radius).to(like.dtype)
     n = g.reshape(g.shape[0], -1).norm(dim=1).clamp_min(1e-12)
     return (g * column(radius / n, g)).to(like.dtype)
+
+
+def _random_start(like: torch.Tensor, radius: float, norm: str, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Uniform start in the ball/box; a CPU generator may drive draws for CUDA data (drawn on CPU, then moved)."""
+    if generator is not None and generator.device.type != like.device.type:
+        cpu_like = torch.empty(like.shape, dtype=like.dtype)
+        return random_perturbation(cpu_like, radius, norm, "uniform", generator).to(like.device)
+    return random_perturbation(like, radius, norm, "uniform", generator)
 
 
 def denoiser_error(
@@ -77,9 +89,10 @@ def denoiser_error(
     check_choice("norm", norm, ("l2", "linf"))
     abar = alphas_cumprod_of(alphas_cumprod)
     if timesteps is None:
-        timesteps = torch.randint(0, abar.numel(), (x0.shape[0],), generator=generator).to(x0.device)
+        timesteps = torch.randint(0, abar.numel(), (x0.shape[0],), generator=generator, device=_gen_device(generator)).to(x0.device)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device=x0.device, dtype=x0.dtype)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32, device=_gen_device(generator)).to(
+            device=x0.device, dtype=x0.dtype)
     _, sigma = alpha_sigma(abar, timesteps)
     sigma = sigma.to(x0.device)
     x_t = q_sample(x0, noise, timesteps, abar).detach()
@@ -101,7 +114,7 @@ def denoiser_error(
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1 for perturbation='pgd', got {steps!r}")
         alpha = 2.5 * big_r / steps if step_size is None else float(step_size)
-        delta = random_perturbation(x_t, big_r, norm, "uniform", generator)
+        delta = _random_start(x_t, big_r, norm, generator)
         for _ in range(steps):
             delta = delta.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -151,7 +164,7 @@ def sampler_attack(
         if mode == "random" or big_r == 0:
             return x + random_on_sphere(x, big_r, norm, generator)
         alpha = 2.5 * big_r / steps if step_size is None else float(step_size)
-        delta = random_perturbation(x, big_r, norm, "uniform", generator)
+        delta = _random_start(x, big_r, norm, generator)
         for _ in range(steps):
             delta = delta.detach().requires_grad_(True)
             with torch.enable_grad():
