@@ -46,6 +46,7 @@ def _residual_loss_backward_fake(residual, grad_loss, loss, k_t, k, metric, hube
 def _setup_context(ctx, inputs, output):
     a, _, _, k_t, k, metric, huber_c, save_residual = inputs
     loss, residual = output
+    ctx.set_materialize_grads(False)  # the residual output gets no gradient: skip a zero-filled buffer
     if save_residual:
         ctx.save_for_backward(residual, loss)
     ctx.args = (k_t, k, metric, huber_c, save_residual, a.dtype)
@@ -79,6 +80,28 @@ torch.library.register_autograd(
 )
 
 
+class _ResidualLoss(torch.autograd.Function):
+    """The glue's own autograd node: the same formulas as the op-level registration above, with less
+    Python per call (the op runs below autograd, its backward is one residual_loss_backward call)."""
+
+    @staticmethod
+    def forward(ctx, a, b, c, k_t, k, metric, huber_c):
+        loss, residual = _ops.residual_loss(a, b, c, k_t, k, metric, huber_c, True)
+        ctx.save_for_backward(residual, loss)
+        ctx.args = (k_t, k, metric, huber_c, a.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        k_t, k, metric, huber_c, dtype = ctx.args
+        residual, loss = ctx.saved_tensors
+        need_a, need_b, need_c = ctx.needs_input_grad[:3]
+        ga, gb, gc = _ops.residual_loss_backward(
+            residual, grad_loss, loss, k_t, k, metric, huber_c, need_a, need_b, need_c, dtype
+        )
+        return ga if need_a else None, gb if need_b else None, gc if need_c else None, None, None, None, None
+
+
 def _residual(a, b, c, k: Coef, metric: str = "l2", huber_c: float = 0.0) -> torch.Tensor:
     present = [t for t in (a, b, c) if t is not None]
     dtype = present[0].dtype
@@ -86,10 +109,10 @@ def _residual(a, b, c, k: Coef, metric: str = "l2", huber_c: float = 0.0) -> tor
         dtype = torch.promote_types(dtype, t.dtype)  # exact upcast: the kernel sees one dtype
     a, b = a.to(dtype), b.to(dtype)
     c = c.to(dtype) if c is not None else None
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, c) if t is not None)
     k_t, k_f = _ext.coef_args(k)
-    loss, _ = _ops.residual_loss(a, b, c, k_t, k_f, _METRICS[metric], float(huber_c), save)
-    return loss
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, c) if t is not None):
+        return _ResidualLoss.apply(a, b, c, k_t, k_f, _METRICS[metric], float(huber_c))
+    return _ops.residual_loss(a, b, c, k_t, k_f, _METRICS[metric], float(huber_c), False)[0]
 
 
 def _sigma_needs_grad(pred, noise, delta, sigma, target) -> Optional[str]:
