@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -175,7 +175,8 @@ def _cases(device: torch.device, quick: bool) -> List[dict]:
     return cases
 
 
-def run_case(spec: dict, device: torch.device, quick: bool) -> List[dict]:
+def run_case(spec: dict, device: torch.device, quick: bool, reps: Optional[int] = None) -> List[dict]:
+    """Time every provider/method of one case interleaved; `reps` overrides the repetition count."""
     torch.manual_seed(0)
     model = spec["model"]().to(device)
     x0 = torch.randn(spec["shape"], device=device)
@@ -203,8 +204,9 @@ def run_case(spec: dict, device: torch.device, quick: bool) -> List[dict]:
 
     timed = {name: wrap(fn) for name, fn in fns.items()}
     cpu = device.type != "cuda"
-    reps = (3 if quick else 10) if cpu else (5 if quick else 30)
-    stats = interleaved(timed, device=device, warmup=1 if quick else 3, reps=reps)
+    if reps is None:
+        reps = (3 if quick else 10) if cpu else (5 if quick else 30)
+    stats = interleaved(timed, device=device, warmup=0 if quick else 3, reps=reps)
     base = stats["eager/standard"]["median_ms"]
     rows = []
     for name, st in stats.items():

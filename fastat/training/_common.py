@@ -66,8 +66,22 @@ def inner_model(model):
 
 
 def no_sync(model):
-    """``model.no_sync()`` where the wrapper has it, else a null context."""
-    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+    """``model.no_sync()`` (DDP, FSDP1), FSDP2's ``set_requires_gradient_sync(False)`` for the duration
+    (``fully_shard`` modules), else a null context."""
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        return _fsdp2_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp2_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 class SameRandomness:

@@ -1,0 +1,134 @@
+"""Mechanics: torch.compile'd models (attack loop eager), CUDA-graph capture, FSDP2, the step-benchmark
+cases (CPU smoke; the GPU cases and everything CUDA-only are marked gpu)."""
+import math
+import os
+
+import pytest
+import torch
+
+import fastat
+from fastat.bench import steps
+from fastat.bench.models import DDPMUNet, ToyMLP, num_params
+from fastat.training import GraphedStep
+from training_utils import TABLE, make, reference_backend  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
+
+def test_compiled_model_matches_eager():
+    """A torch.compile'd model works inside the (eager) attack loop; aot_eager keeps the CPU test fast."""
+    model, x0, noise, t = make(30, batch=4)
+    compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+    kw = dict(alphas_cumprod=TABLE, method="pgd", steps=1)
+    ref = fastat.diffusion_adv_loss(model, x0, t, noise, **kw)
+    got = fastat.diffusion_adv_loss(compiled, x0, t, noise, **kw)
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
+    g_ref = torch.autograd.grad(ref, list(model.parameters()))
+    g_got = torch.autograd.grad(got, list(model.parameters()))
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_graphed_step_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        GraphedStep(lambda x: x, [torch.zeros(1)])
+
+
+def test_bench_models_parameter_count():
+    assert round(num_params(DDPMUNet()) / 1e6, 1) == 35.7  # Ho et al. CIFAR-10 config
+    assert num_params(ToyMLP()) == (66 * 256 + 256) + 2 * (256 * 256 + 256) + (256 * 2 + 2)
+
+
+def test_step_benchmark_rows_cpu_smoke():
+    spec = dict(case="toy_mlp_2d", model=lambda: ToyMLP(width=32), shape=(8, 2), amp=None)
+    rows = steps.run_case(spec, torch.device("cpu"), quick=True, reps=2)
+    names = {(r["provider"], r["method"]) for r in rows}
+    assert ("eager", "standard") in names and ("fastat", "free_p1") in names and ("fastat", "p2_adversarial") in names
+    for r in rows:
+        assert r["suite"] == "steps" and r["median_ms"] > 0 and r["q10_ms"] <= r["median_ms"] <= r["q90_ms"]
+        assert math.isnan(r["peak_mem_mb"]) and r["ratio_vs_standard"] > 0
+    base = next(r for r in rows if r["provider"] == "eager" and r["method"] == "standard")
+    assert base["ratio_vs_standard"] == 1.0
+
+
+@pytest.mark.gpu
+def test_graphed_pgd_step_matches_eager_on_cuda():
+    torch.manual_seed(0)
+    model = ToyMLP().cuda()
+    eager_model = ToyMLP().cuda()
+    eager_model.load_state_dict(model.state_dict())
+    x0 = torch.randn(256, 2, device="cuda")
+    table = TABLE.cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    t = torch.randint(0, 1000, (256,), device="cuda")
+    noise = torch.randn_like(x0)
+
+    def step(x, tt, nn_):
+        loss = fastat.diffusion_adv_loss(model, x, tt, nn_, alphas_cumprod=table, method="pgd", same_dropout=False)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    graphed = GraphedStep(step, [x0, t, noise], optimizer=opt)  # warm-up + capture run 3 + 0 steps
+    # the eager copy replays the same number of optimizer steps (3 warm-up steps) before comparing
+    eopt = torch.optim.SGD(eager_model.parameters(), lr=1e-2)
+    for _ in range(4):
+        eopt.zero_grad(set_to_none=True)
+        loss = fastat.diffusion_adv_loss(eager_model, x0, t, noise, alphas_cumprod=table, method="pgd")
+        loss.backward()
+        eopt.step()
+    got = graphed(x0, t, noise)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got, loss.detach(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_fsdp2_fully_shard_single_process():
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    torch.manual_seed(0)
+    ref = ToyMLP(width=64).cuda()
+    model = ToyMLP(width=64).cuda()
+    model.load_state_dict(ref.state_dict())
+    fully_shard(model)
+    x0 = torch.randn(32, 2, device="cuda")
+    t = torch.randint(0, 1000, (32,), device="cuda")
+    noise = torch.randn_like(x0)
+    kw = dict(alphas_cumprod=TABLE.cuda(), method="equivariant_adversarial", generator=None)
+    torch.manual_seed(1)
+    fastat.diffusion_adv_loss(model, x0, t, noise, **kw).backward()
+    torch.manual_seed(1)
+    fastat.diffusion_adv_loss(ref, x0, t, noise, **kw).backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad, atol=1e-5, rtol=1e-5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fastat.FreeReplay(model, opt, 2, alphas_cumprod=TABLE.cuda(), grad_accum_steps=2).step(x0, t, noise)
+
+
+@pytest.mark.gpu
+def test_compiled_inductor_model_on_cuda():
+    torch.manual_seed(0)
+    model = DDPMUNet(ch=32, ch_mult=(1, 2), attn_resolutions=(8,), resolution=16).cuda()
+    compiled = torch.compile(model)
+    x0 = torch.randn(4, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (4,), device="cuda")
+    noise = torch.randn_like(x0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a = fastat.diffusion_adv_loss(compiled, x0, t, noise, alphas_cumprod=TABLE.cuda(), method="pgd")
+        b = fastat.diffusion_adv_loss(model, x0, t, noise, alphas_cumprod=TABLE.cuda(), method="pgd")
+    torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_step_benchmarks_quick_on_cuda():
+    rows = steps.run_step_benchmarks("cuda", quick=True)
+    cases = {r["case"] for r in rows}
+    assert {"toy_mlp_2d", "ddpm_cifar10_unet"} <= cases
+    assert all(r["peak_mem_mb"] > 0 for r in rows)
