@@ -135,15 +135,25 @@ def _one_line(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------ loading
 
+def _load_prebuilt() -> bool:
+    """Load setup.py's prebuilt fastat._C if there is one that works with this torch (tried once)."""
+    if "cpp" in _loaded:
+        return True
+    if "prebuilt" in _failed or importlib.util.find_spec(PREBUILT_CPU_MODULE) is None:
+        return False
+    try:
+        module = importlib.import_module(PREBUILT_CPU_MODULE)
+    except ImportError as exc:  # built against another torch: the JIT build takes over
+        _failed["prebuilt"] = f"prebuilt {PREBUILT_CPU_MODULE} does not load ({_one_line(exc)})"
+        return False
+    _loaded["cpp"] = f"built (prebuilt {PREBUILT_CPU_MODULE} at {module.__file__})"
+    return True
+
+
 def _load_cpp() -> None:
     # 1. A prebuilt library from setup.py.
-    if importlib.util.find_spec(PREBUILT_CPU_MODULE) is not None:
-        try:
-            module = importlib.import_module(PREBUILT_CPU_MODULE)
-            _loaded["cpp"] = f"built (prebuilt {PREBUILT_CPU_MODULE} at {module.__file__})"
-            return
-        except ImportError as exc:  # built against another torch: fall back to the JIT build
-            _failed["prebuilt"] = f"prebuilt {PREBUILT_CPU_MODULE} does not load ({_one_line(exc)})"
+    if _load_prebuilt():
+        return
     # 2. This machine's cache of an earlier JIT build: no compiler, no ninja needed.
     cached = _cached_library()
     if cached is not None:
@@ -242,8 +252,6 @@ def is_built(kind: str) -> bool:
         return False
     if kind == "cuda":
         return importlib.util.find_spec(CUDA_MODULE) is not None
-    if importlib.util.find_spec(PREBUILT_CPU_MODULE) is not None and "prebuilt" not in _failed:
-        return True
     return status("cpp")[1].startswith("built")
 
 
@@ -269,18 +277,18 @@ def status(kind: str) -> Tuple[bool, str]:
 
 
 def _cpu_status() -> Tuple[bool, str]:
-    prebuilt = importlib.util.find_spec(PREBUILT_CPU_MODULE)
-    if prebuilt is not None and "prebuilt" not in _failed:
-        return True, f"built (prebuilt {PREBUILT_CPU_MODULE} at {prebuilt.origin}), loads on first use"
+    if _load_prebuilt():  # importing it is cheap, and only a prebuilt library that loads counts as built
+        return True, _loaded["cpp"]
     cached = _cached_library()
     if cached is not None:
         return True, f"built (cached at {cached.parent}), loads on first use"
     if not cpu_sources():
         return False, "C++ sources (csrc/cpu) not found in this install"
+    note = f"; {_failed['prebuilt']}" if "prebuilt" in _failed else ""
     problem = _toolchain_problem()
     if problem is not None:
-        return False, f"not built, and cannot build here: {problem}"
-    return True, f"not built yet: builds on first use ({BUILD_SECONDS}) into {cpu_build_dir()}"
+        return False, f"not built, and cannot build here: {problem}{note}"
+    return True, f"not built yet: builds on first use ({BUILD_SECONDS}) into {cpu_build_dir()}{note}"
 
 
 # ----------------------------------------------------- conventions shared by the ops' Python glue
