@@ -12,6 +12,7 @@ used (the shapes are memory-bound and a fixed heuristic avoids first-call tuning
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Iterator, Optional, Sequence, Tuple
 
@@ -21,7 +22,6 @@ import triton.language as tl
 
 from ._backend import triton_interpreting
 
-TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
 
 GPU_TILE = 4096  # elements per program on a GPU: 16 KB of fp32 per operand, 8 warps
 INTERPRET_TILE = 1 << 16  # one big numpy array per program when interpreting
@@ -59,9 +59,12 @@ def tile(batch: int, numel: int) -> Tuple[int, int, int]:
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def split(batch: int, numel: int, block_b: int, block_d: int, device: torch.device) -> int:
@@ -69,7 +72,7 @@ def split(batch: int, numel: int, block_b: int, block_d: int, device: torch.devi
     if _OVERRIDES["split"] is not None:
         return int(max(1, min(_OVERRIDES["split"], math.ceil(numel / block_d))))
     if triton_interpreting() or device.type != "cuda":
-        return 1
+        return 1  # (checked after the override, so tests can split rows under the interpreter)
     row_groups = math.ceil(batch / block_b)
     col_blocks = math.ceil(numel / block_d)
     want = math.ceil(4 * _sm_count(device) / max(row_groups, 1))
@@ -156,29 +159,6 @@ def output_like(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if _batch_outer_dense(like):
         return empty_like_layout(like, dtype)
     return torch.empty(like.shape, dtype=dtype, device=like.device)
-
-
-def match_layout(x: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
-    """`x` with the template's strides (a copy only when they differ: e.g. an expanded grad_output)."""
-    if x.stride() == template.stride() or (x.is_contiguous() and template.is_contiguous()):
-        return x
-    out = torch.empty_strided(template.shape, template.stride(), dtype=x.dtype, device=x.device)
-    return out.copy_(x)
-
-
-def channels(template: torch.Tensor) -> int:
-    """C of a channels_last tensor (the fastest-varying dim in memory), else 1."""
-    return template.shape[1] if is_channels_last(template) else 1
-
-
-# ---------------------------------------------------------------------------------------------------
-# Per-sample coefficients: a float or a [B] tensor become (tensor-or-dummy, float, is_tensor flag).
-
-
-def coef_args(coef, dummy: torch.Tensor) -> Tuple[torch.Tensor, float, bool]:
-    if isinstance(coef, torch.Tensor):
-        return coef, 0.0, True
-    return dummy, float(coef if coef is not None else 0.0), False
 
 
 def launch_grid(batch: int, numel: int):
