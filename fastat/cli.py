@@ -50,7 +50,8 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench.runner import run
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    run(device, quick=args.quick, out_dir=args.out, suites=args.suites, compile=False if args.no_compile else None)
+    run(device, quick=args.quick, out_dir=args.out, suites=args.suites, compile=False if args.no_compile else None,
+        threads=args.threads, note=args.note)
     return 0
 
 
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
     bench.add_argument("--suites", default="ops,steps", help="comma list of ops,steps (default both)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's); use 1 on a CPU shared with other jobs")
+    bench.add_argument("--note", default=None, help="a remark stored with the results (e.g. 'machine shared')")
     bench.set_defaults(run=_bench)
     return parser
 

@@ -16,7 +16,7 @@ def test_bench_runner_quick_cpu_writes_json_md_png(tmp_path, monkeypatch):
     fake.run_step_benchmarks = lambda device, quick: [{"case": "toy", "provider": "eager", "method": "standard",
                                                       "median_ms": 1.5, "ratio_vs_standard": 1.0}]
     monkeypatch.setitem(sys.modules, "fastat.bench.steps", fake)
-    result = run("cpu", quick=True, out_dir=str(tmp_path), suites="ops,steps", log=lambda m: None)
+    result = run("cpu", quick=True, out_dir=str(tmp_path), suites="ops,steps", log=lambda m: None, threads=1)
     data = json.loads(result["json"].read_text())
     meta, rows = data["meta"], data["rows"]
     assert meta["device"] == "cpu" and meta["torch"] and meta["commit"] and meta["copy"]["gbps"] > 0

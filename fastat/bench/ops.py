@@ -216,7 +216,12 @@ def run_op_benchmarks(device, quick: bool = False, shapes: Optional[Dict[str, Tu
     if cases is not None:
         all_cases = [c for c in all_cases if c.name in set(cases)]
     eager_refs = {op: _ref(op) for op in {o for c in all_cases for o in c.ops}}
-    compiled = {op: torch.compile(fn) for op, fn in eager_refs.items()} if compile else {}
+    if compile:
+        import torch._dynamo as dynamo
+
+        # One static-shape graph per (op, shape); the default limit of 8 would silently fall back to eager.
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+    compiled = {op: torch.compile(fn, dynamic=False) for op, fn in eager_refs.items()} if compile else {}
     rows = []
     elem = torch.empty((), dtype=dtype).element_size()
     for shape_name, shape in shapes.items():
@@ -246,7 +251,8 @@ def run_op_benchmarks(device, quick: bool = False, shapes: Optional[Dict[str, Tu
                 fns[b] = kernel
             for name, fn in list(fns.items()):  # warm-up / compile, and drop providers that fail
                 try:
-                    fn()
+                    for _ in range(3 if name == "compile" else 1):  # compile, then settle any recompiles
+                        fn()
                 except (BackendUnavailableError, RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
                     errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                     del fns[name]

@@ -50,9 +50,26 @@ def _step_rows(device, quick: bool, log: Callable[[str], None]):
 
 def run(device: str = "cpu", quick: bool = False, out_dir: str = "benchmarks/results",
         suites: Optional[Iterable[str]] = None, log: Callable[[str], None] = _log,
-        note: Optional[str] = None, compile: Optional[bool] = None) -> Dict:
-    """Run the suites on `device` and write the result files; returns their paths, the rows and the meta."""
+        note: Optional[str] = None, compile: Optional[bool] = None, threads: Optional[int] = None) -> Dict:
+    """Run the suites on `device` and write the result files; returns their paths, the rows and the meta.
+
+    threads: torch CPU threads for the run (None: leave torch's setting). On a CPU shared with other jobs,
+    multi-threaded kernels mostly measure the scheduler (a parallel region waits for a descheduled thread):
+    use threads=1 there and say so in `note`."""
     from .ops import run_op_benchmarks
+
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        return _run(device, quick, out_dir, suites, log, note, compile, run_op_benchmarks)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(device, quick, out_dir, suites, log, note, compile, run_op_benchmarks) -> Dict:
 
     suites = list(SUITES if suites is None else ([s.strip() for s in suites.split(",")] if isinstance(suites, str) else suites))
     bad = [s for s in suites if s not in SUITES]
