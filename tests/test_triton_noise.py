@@ -130,3 +130,14 @@ def test_gpu_noise_matches_reference_and_interpreter_convention():
         got = fastat.gaussian_noise(like, 123, 456)
     expect = ref.gaussian_noise(like, 123, 456, torch.float32)
     torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_q_sample_accepts_seeded_noise():
+    x0 = torch.randn(4, 3, 5, device=DEV)
+    t = torch.tensor([1, 5, 900, 999], device=DEV)
+    table = fastat.schedules.ddpm_linear_alphas_cumprod(1000)
+    with fastat.use_backend("torch"):
+        expect = fastat.q_sample(x0, SeededNoise(1, 2), t, table)
+    with fastat.use_backend("triton"):
+        got = fastat.q_sample(x0, SeededNoise(1, 2), t, table)
+    torch.testing.assert_close(got, expect, atol=1e-6, rtol=1e-6)
