@@ -159,6 +159,86 @@ def test_philox_header_matches_tl_randn_reference(philox_host, seed, offset):
     torch.testing.assert_close(normal, expected, atol=2e-6, rtol=2e-6)
 
 
+# ---- index arithmetic of the kernels (csrc/cuda/indexing.cuh), compiled for the host -----------------------
+
+INDEX_HARNESS = r"""
+#include <cstdio>
+#include <vector>
+#include "indexing.cuh"
+static long failures = 0;
+#define CHECK(cond, ...) do { if (!(cond)) { if (failures++ < 20) { std::printf(__VA_ARGS__); std::printf("\n"); } } } while (0)
+
+struct Recorder {  // what a kernel functor sees: run<N>(i) for a pack of N elements starting at i
+  std::vector<int>* seen; int64_t lo, hi; int pack;
+  template <int N> void run(int64_t i) {
+    CHECK(N == 1 || N == pack, "pack %d called with N=%d", pack, N);
+    CHECK(N == 1 || i % N == 0, "unaligned pack at %lld", (long long)i);
+    CHECK(i >= lo && i + N <= hi, "pack [%lld, %lld) outside [%lld, %lld)", (long long)i, (long long)(i + N), (long long)lo, (long long)hi);
+    for (int k = 0; k < N; ++k) if (i + k >= lo && i + k < hi) (*seen)[i + k - lo]++;
+  }
+};
+
+template <int N> void check_range(int64_t lo, int64_t hi, int64_t lanes) {
+  std::vector<int> seen(hi - lo, 0);
+  Recorder r{&seen, lo, hi, N};
+  for (int64_t lane = 0; lane < lanes; ++lane) fastat::for_range<N>(lo, hi, lane, lanes, r);
+  for (int64_t i = 0; i < hi - lo; ++i) CHECK(seen[i] == 1, "N=%d lanes=%lld: element %lld of [%lld, %lld) seen %d times", N, (long long)lanes, (long long)(lo + i), (long long)lo, (long long)hi, seen[i]);
+}
+
+int main() {
+  for (int64_t lo = 0; lo < 24; ++lo)
+    for (int64_t hi = lo; hi < lo + 80; ++hi)
+      for (int64_t lanes : {1, 3, 32}) {
+        check_range<1>(lo, hi, lanes); check_range<2>(lo, hi, lanes); check_range<4>(lo, hi, lanes); check_range<8>(lo, hi, lanes);
+      }
+  // Sample cursor: packs straddling samples, D smaller than the pack, indices past 2^31.
+  for (int64_t d = 1; d <= 11; ++d)
+    for (int64_t base : {(int64_t)0, (int64_t)1 << 31, ((int64_t)1 << 33) + 5})
+      for (int64_t i = base; i < base + 120; i += 8) {
+        fastat::SampleCursor cur(i, d);
+        for (int k = 0; k < 8; ++k) {
+          if (i + k >= cur.next) cur.advance(i + k);
+          CHECK(cur.b == (i + k) / d, "cursor d=%lld i=%lld: sample %lld, want %lld", (long long)d, (long long)(i + k), (long long)cur.b, (long long)((i + k) / d));
+        }
+      }
+  // Tiling: the tiles of each sample cover it exactly, in order; chunks keep pack alignment when D allows.
+  const int64_t ds[] = {0, 1, 2, 3, 5, 48, 1023, 1024, 1025, 3072, 12288, 196608, 786432, 715827883};
+  for (int64_t batch : {1, 2, 3, 7, 128})
+    for (int64_t d : ds)
+      for (int pack : {1, 2, 4, 8})
+        for (int sms : {1, 132}) {
+          if (batch * d > ((int64_t)1 << 32)) continue;
+          const fastat::Tiling t = fastat::tiling_for(batch, d, pack, sms);
+          CHECK(t.tiles == batch * t.chunks && t.chunk % pack == 0, "tiling B=%lld D=%lld", (long long)batch, (long long)d);
+          CHECK(t.chunks <= (d > 0 ? d : 1), "too many chunks B=%lld D=%lld", (long long)batch, (long long)d);
+          for (int64_t b = 0; b < batch; ++b) {
+            int64_t next = b * d;
+            for (int64_t c = 0; c < t.chunks; ++c) {
+              const fastat::TileRange r = fastat::tile_range(t, b * t.chunks + c);
+              CHECK(r.b == b && r.lo == next && r.hi >= r.lo, "tile B=%lld D=%lld b=%lld c=%lld", (long long)batch, (long long)d, (long long)b, (long long)c);
+              CHECK(d % pack != 0 || r.lo % pack == 0, "unaligned chunk start D=%lld pack=%d", (long long)d, pack);
+              next = r.hi;
+            }
+            CHECK(next == (b + 1) * d, "sample %lld of D=%lld covered up to %lld", (long long)b, (long long)d, (long long)next);
+          }
+        }
+  std::printf("%ld failures\n", failures);
+  return failures != 0;
+}
+"""
+
+
+def test_kernel_index_arithmetic_on_host(tmp_path):
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    (tmp_path / "index.cpp").write_text(INDEX_HARNESS)
+    exe = tmp_path / "index"
+    subprocess.run([cxx, "-O2", "-std=c++17", f"-I{CSRC}", str(tmp_path / "index.cpp"), "-o", str(exe)], check=True, timeout=120)
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "0 failures", proc.stdout[-3000:]
+
+
 # ---- nvcc --------------------------------------------------------------------------------------------------
 
 NVCC_SMOKE = r"""

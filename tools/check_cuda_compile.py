@@ -86,20 +86,40 @@ def gxx_command(source: Path, includes: Sequence[str]) -> List[str]:
     return [cxx, "-fsyntax-only", "-std=c++17", "-fPIC", str(source)] + abi_flag() + [f"-I{d}" for d in includes]
 
 
+def _demangle(names: List[str]) -> List[str]:
+    filt = shutil.which("c++filt")
+    if not filt or not names:
+        return names
+    try:
+        out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True, timeout=30).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return names
+    return out if len(out) == len(names) else names
+
+
+def _short(name: str) -> str:
+    """`void fastat::tile_reduce_kernel<4, 4, float, fastat::(anonymous namespace)::L2StatsOp<float> >(...)` -> shorter."""
+    name = name.replace("(anonymous namespace)::", "").replace("fastat::", "").replace("c10::", "")
+    name = re.sub(r"^void ", "", name)
+    name = re.sub(r"\(.*\)$", "", name)
+    return name[:110]
+
+
 def ptxas_summary(stderr: str) -> List[str]:
-    """`kernel: N registers, S bytes spill` lines from `-Xptxas -v` output."""
-    lines, kernel = [], None
+    """`kernel: N registers, spills` lines from `-Xptxas -v` output (one per sm_90 kernel)."""
+    entries, kernel = [], None
     for line in stderr.splitlines():
         m = re.search(r"Compiling entry function '([^']+)'", line)
         if m:
             kernel = m.group(1)
-        m = re.search(r"Used (\d+) registers", line)
-        if m and kernel:
-            lines.append(f"    {kernel[:90]}: {m.group(1)} registers")
         m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and kernel and (m.group(1) != "0" or m.group(2) != "0"):
-            lines.append(f"    {kernel[:90]}: SPILLS {m.group(1)} B stores / {m.group(2)} B loads")
-    return lines
+        if m and kernel:
+            entries.append([kernel, "", f"spills {m.group(1)}/{m.group(2)} B"])
+        m = re.search(r"Used (\d+) registers", line)
+        if m and kernel and entries and entries[-1][0] == kernel:
+            entries[-1][1] = f"{m.group(1)} registers"
+    names = _demangle([e[0] for e in entries])
+    return [f"    {_short(n)}: {regs}, {spill}" for n, (_, regs, spill) in zip(names, entries)]
 
 
 def run_one(cmd: List[str], timeout: float) -> Tuple[int, str, float]:

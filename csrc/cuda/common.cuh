@@ -27,6 +27,8 @@
 
 #include <cuda_runtime.h>
 
+#include "indexing.cuh"
+
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -66,40 +68,12 @@ template <int N, typename T, typename A> __device__ __forceinline__ void store(T
   *reinterpret_cast<Pack<T, N>*>(p + i) = pk;
 }
 
-// Runs f.template run<N>(i) over [lo, hi): lanes take scalar elements up to the first 16-byte boundary, then
-// N-element packs, then the scalar tail. All tensors of one launch share their alignment (checked on the
-// host), so a global index that is a multiple of N is 16-byte aligned in every tensor; when they are not
-// aligned the host launches with N = 1.
-template <int N, typename F>
-__device__ __forceinline__ void for_range(int64_t lo, int64_t hi, int64_t lane, int64_t lanes, F& f) {
-  if (N == 1) {
-    for (int64_t i = lo + lane; i < hi; i += lanes) f.template run<1>(i);
-    return;
-  }
-  int64_t body_lo = (lo + N - 1) / N * N;
-  if (body_lo > hi) body_lo = hi;
-  int64_t body_hi = hi / N * N;
-  if (body_hi < body_lo) body_hi = body_lo;
-  for (int64_t i = lo + lane; i < body_lo; i += lanes) f.template run<1>(i);
-  for (int64_t i = body_lo + lane * N; i < body_hi; i += lanes * N) f.template run<N>(i);
-  for (int64_t i = body_hi + lane; i < hi; i += lanes) f.template run<1>(i);
-}
-
 template <typename A> __device__ __forceinline__ A warp_sum(A v) {
   // Butterfly: every lane ends with the same, order-fixed sum (deterministic).
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
-
-// Sample index of flat element i and the first element of the next sample, from one 64-bit division per pack.
-struct SampleCursor {
-  int64_t b, next, d;
-  __device__ __forceinline__ SampleCursor(int64_t i, int64_t d_) : b(i / d_), next((i / d_ + 1) * d_), d(d_) {}
-  __device__ __forceinline__ void advance(int64_t i) {
-    while (i >= next) { ++b; next += d; }
-  }
-};
 
 // ---- host side ---------------------------------------------------------------------------------------------
 
@@ -124,28 +98,9 @@ inline int64_t persistent_blocks(int64_t work, int64_t per_block, int waves = 8)
   return need < 1 ? 1 : (need < cap ? need : cap);
 }
 
-// Per-sample tiling of a [B, D] reduction: each warp reduces one (sample, chunk) tile into one partial; a
-// finalize kernel sums a sample's partials in chunk order (deterministic). Chunks are sized so the launch has
-// about SMs * 64 warps of work (full occupancy on H100: 2048 threads per SM) but no tile is shorter than 1024
-// elements (a warp's fixed cost), and chunk starts stay pack-aligned when D is a multiple of the pack.
-struct Tiling {
-  int64_t batch, d, chunk, chunks, tiles, blocks;
-};
-
+// The launch of a per-sample reduction: the tiling of indexing.cuh for this device, in persistent blocks.
 inline Tiling make_tiling(int64_t batch, int64_t d, int pack) {
-  Tiling t{batch, d, 1, 1, 0, 1};
-  if (batch <= 0) return t;
-  const int64_t target_warps = static_cast<int64_t>(sm_count()) * 64;
-  int64_t chunk = (batch * d + target_warps - 1) / target_warps;
-  if (chunk < 1024) chunk = 1024;
-  if (chunk > d) chunk = d > 0 ? d : 1;
-  int64_t chunks = d > 0 ? (d + chunk - 1) / chunk : 1;
-  chunk = d > 0 ? (d + chunks - 1) / chunks : 1;
-  chunk = (chunk + pack - 1) / pack * pack;
-  chunks = d > 0 ? (d + chunk - 1) / chunk : 1;
-  t.chunk = chunk;
-  t.chunks = chunks;
-  t.tiles = batch * chunks;
+  Tiling t = tiling_for(batch, d, pack, sm_count());
   t.blocks = persistent_blocks(t.tiles, kWarps);
   return t;
 }
@@ -257,12 +212,9 @@ __global__ void __launch_bounds__(kThreads) tile_reduce_kernel(Tiling t, F f, A*
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t tile = first; tile < t.tiles; tile += stride) {
-    const int64_t b = tile / t.chunks;
-    const int64_t c = tile - b * t.chunks;
-    const int64_t lo = b * t.d + c * t.chunk;
-    const int64_t end = (c + 1) * t.chunk < t.d ? (c + 1) * t.chunk : t.d;
-    f.reset(b);
-    for_range<N>(lo, b * t.d + end, lane, 32, f);
+    const TileRange r = tile_range(t, tile);
+    f.reset(r.b);
+    for_range<N>(r.lo, r.hi, lane, 32, f);
     A sums[K];
     f.partials(sums);
 #pragma unroll

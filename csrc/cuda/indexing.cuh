@@ -1,0 +1,83 @@
+// Index arithmetic shared by the kernels, free of ATen and CUDA-only calls so that the CPU test
+// (tests/test_cuda_build.py) compiles it with g++ and checks it exhaustively: the vectorised range walk, the
+// sample cursor and the per-sample tiling of the reductions. All indices are int64 (tensors > 2^31 elements).
+#pragma once
+
+#include <cstdint>
+
+#ifndef FASTAT_HD
+#if defined(__CUDACC__)
+#define FASTAT_HD __host__ __device__ __forceinline__
+#else
+#define FASTAT_HD inline
+#endif
+#endif
+
+namespace fastat {
+
+// Runs f.template run<N>(i) over [lo, hi): lanes take scalar elements up to the first 16-byte boundary, then
+// N-element packs, then the scalar tail. All tensors of one launch share their alignment (checked on the
+// host), so a global index that is a multiple of N is 16-byte aligned in every tensor; when they are not
+// aligned the host launches with N = 1.
+template <int N, typename F>
+FASTAT_HD void for_range(int64_t lo, int64_t hi, int64_t lane, int64_t lanes, F& f) {
+  if (N == 1) {
+    for (int64_t i = lo + lane; i < hi; i += lanes) f.template run<1>(i);
+    return;
+  }
+  int64_t body_lo = (lo + N - 1) / N * N;
+  if (body_lo > hi) body_lo = hi;
+  int64_t body_hi = hi / N * N;
+  if (body_hi < body_lo) body_hi = body_lo;
+  for (int64_t i = lo + lane; i < body_lo; i += lanes) f.template run<1>(i);
+  for (int64_t i = body_lo + lane * N; i < body_hi; i += lanes * N) f.template run<N>(i);
+  for (int64_t i = body_hi + lane; i < hi; i += lanes) f.template run<1>(i);
+}
+
+// Sample index of flat element i and the first element of the next sample, from one 64-bit division per pack.
+struct SampleCursor {
+  int64_t b, next, d;
+  FASTAT_HD SampleCursor(int64_t i, int64_t d_) : b(i / d_), next((i / d_ + 1) * d_), d(d_) {}
+  FASTAT_HD void advance(int64_t i) {
+    while (i >= next) { ++b; next += d; }
+  }
+};
+
+// Per-sample tiling of a [B, D] reduction: each warp reduces one (sample, chunk) tile into one partial; a
+// finalize kernel sums a sample's partials in chunk order (deterministic). Chunks are sized so the launch has
+// about SMs * 64 warps of work (full occupancy on H100: 2048 threads per SM) but no tile is shorter than 1024
+// elements (a warp's fixed cost), and chunk starts stay pack-aligned when D is a multiple of the pack.
+struct Tiling {
+  int64_t batch, d, chunk, chunks, tiles, blocks;
+};
+
+inline Tiling tiling_for(int64_t batch, int64_t d, int pack, int sms) {
+  Tiling t{batch, d, 1, 1, 0, 1};
+  if (batch <= 0) return t;
+  const int64_t target_warps = static_cast<int64_t>(sms) * 64;
+  int64_t chunk = (batch * d + target_warps - 1) / target_warps;
+  if (chunk < 1024) chunk = 1024;
+  if (chunk > d) chunk = d > 0 ? d : 1;
+  int64_t chunks = d > 0 ? (d + chunk - 1) / chunk : 1;
+  chunk = d > 0 ? (d + chunks - 1) / chunks : 1;
+  chunk = (chunk + pack - 1) / pack * pack;
+  chunks = d > 0 ? (d + chunk - 1) / chunk : 1;
+  t.chunk = chunk;
+  t.chunks = chunks;
+  t.tiles = batch * chunks;
+  return t;
+}
+
+// Sample and flat element range [lo, hi) of one tile.
+struct TileRange {
+  int64_t b, lo, hi;
+};
+
+FASTAT_HD TileRange tile_range(const Tiling& t, int64_t tile) {
+  const int64_t b = tile / t.chunks;
+  const int64_t c = tile - b * t.chunks;
+  const int64_t end = (c + 1) * t.chunk < t.d ? (c + 1) * t.chunk : t.d;
+  return TileRange{b, b * t.d + c * t.chunk, b * t.d + end};
+}
+
+}  // namespace fastat
