@@ -17,6 +17,26 @@ weight gradients). The standard DDPM step is 1 F + 1 Bw (~3F of work: a full bac
     consistency_adv_loss                     as above + 1 no-grad target forward (+1/2 teacher forwards for CD)
 
 (tests/test_training_passes.py checks these counts with forward hooks and weight-gradient hooks.)
+
+Mechanics:
+- AMP: wrap the call in ``torch.autocast``; the perturbation stays fp32 (fp64 for fp64 data) and the
+  losses accumulate in fp32. fp16: pass ``scaler=`` (a GradScaler); attack losses are scaled and the
+  perturbation gradient unscaled; a sample whose gradient is non-finite keeps its perturbation.
+- DDP: pass the wrapper. Attack passes run on ``model.module`` (no reduction is prepared for them);
+  the final pass(es) go through the wrapper, so gradients are reduced once. Two forwards through the
+  wrapper before one backward (P2) are fine with ``find_unused_parameters=False``. FreeReplay's
+  gradient accumulation runs the first micro-batches under ``no_sync()``.
+- FSDP2 (``fully_shard``): pass the sharded module; attack passes run under
+  ``set_requires_gradient_sync(False)`` and use input gradients only, so nothing is reduce-scattered
+  for them. FSDP1 wrappers run attack passes under ``no_sync()``. Tested only with a GPU
+  (tests/test_training_mechanics.py, marked gpu).
+- torch.compile: compile the model, keep the loss call eager (``torch.autograd.grad`` on a compiled
+  model's output is fine; inside a compiled region it would break the graph).
+- channels_last: inputs keep their layout; per-sample reductions never flatten with ``.view``.
+- CUDA graphs: ``GraphedStep`` captures a whole step (attack passes, backward, optimizer step); use
+  ``same_dropout=False`` and a capturable optimizer (see cuda_graph.py).
+- Dropout: every pass of one loss call replays one RNG state (``same_dropout=True``), so the compared
+  passes (P2 clean/perturbed, attack/final, CM student/target) see the same dropout mask.
 """
 from .adapters import EDMAdvLoss, GuidedDiffusionAdvLosses
 from .consistency import consistency_adv_loss, consistency_grid

@@ -25,12 +25,11 @@ diffusion_adv_loss: "none" 1 F + 1 Bw; "pgd" K+1 F, K Bi, 1 Bw; "fgsm_rs" 2 F, 1
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from .._checks import check_choice, check_tensor, per_sample
+from .._checks import check_choice, check_tensor
 from .._shapes import REDUCTIONS, column, reduce
 from ..ops.losses import METRICS, consistency_distance
 from ..ops.perturbation import NORMS, per_sample_norm, pgd_step, random_perturbation, rms_radius

@@ -307,7 +307,8 @@ def _p2(b: _Batch, method, opts, lam, beta, rho, r_min, radius_fn, detach_anchor
     """P2: clean term + lambda_t * equivariance regulariser, omega random or one FGSM step."""
     eps = float(opts["eps"])
     radius = radius_fn(b.sigma) if radius_fn is not None else p2_radius(b.sigma, eps, rho, r_min)
-    radius = per_sample("radius_fn(sigma)", radius, b.x0.shape[0], b.x0.device, positive=True).to(b.pdtype)
+    radius = per_sample("radius_fn(sigma)", radius, b.x0.shape[0], b.x0.device, positive=True)
+    radius = torch.as_tensor(radius, dtype=b.pdtype, device=b.x0.device).expand(b.x0.shape[0])
     lam_t = p2_weight(radius, lam, beta)
     omega = random_perturbation(b.x0, radius, "linf", "uniform", b.generator, dtype=b.pdtype)
     x_clean = b.x_t()
