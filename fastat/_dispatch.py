@@ -111,7 +111,7 @@ def select(op: str, device: torch.device, *args, **kwargs) -> Callable:
         message = f"fastat.{op}: falling back to the torch reference ({'; '.join(reasons)})"
         if message not in _WARNED:
             _WARNED.add(message)
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, stacklevel=4)
     return _load(op, "torch")
 
 
