@@ -89,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from ._backend import BackendUnavailableError
+
     try:
         return args.run(args)
-    except (ValueError, RuntimeError) as exc:  # configuration errors (bad FASTAT_BACKEND, ...): one line, no traceback
+    except (ValueError, BackendUnavailableError) as exc:  # configuration errors (bad FASTAT_BACKEND, ...): one line, no traceback
         print(f"fastat {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
