@@ -207,9 +207,12 @@ def tile_index(pid, n_col_blocks, B, D, BLOCK_B: tl.constexpr, BLOCK_D: tl.const
 @triton.jit
 def row_coef(ptr, scalar, rows, row_mask, IS_TENSOR: tl.constexpr):
     """Per-sample coefficient as fp32 [BB,1]: loaded from a [B] tensor, or a runtime scalar."""
+    # one return statement: the compiler (unlike the interpreter) rejects returns inside branches
     if IS_TENSOR:
-        return tl.load(ptr + rows, mask=row_mask, other=1.0).to(tl.float32)  # 1: no 0/0 in padding rows
-    return tl.zeros(rows.shape, tl.float32) + scalar
+        value = tl.load(ptr + rows, mask=row_mask, other=1.0).to(tl.float32)  # 1: no 0/0 in padding rows
+    else:
+        value = tl.zeros(rows.shape, tl.float32) + scalar
+    return value
 
 
 @triton.jit
@@ -217,8 +220,10 @@ def logical_index(rows, cols, D, C, S, CHANNELS_LAST: tl.constexpr):
     """Row-major logical index of memory positions (rows [BB,1], cols [1,BD], int64): for channels_last
     a memory position p = s*C + c inside a sample has logical position c*S + s."""
     if CHANNELS_LAST:
-        return rows * D + (cols % C) * S + cols // C
-    return rows * D + cols
+        index = rows * D + (cols % C) * S + cols // C
+    else:
+        index = rows * D + cols
+    return index
 
 
 @triton.jit

@@ -1,5 +1,15 @@
 """torch.library registration of the Triton kernels: opcheck (schema, fake tensors, autograd, AOT dispatch)
-under the interpreter; torch.compile(fullgraph=True) and CUDA-graph capture of an AT inner step on GPU."""
+under the interpreter; torch.compile(fullgraph=True) and CUDA-graph capture of an AT inner step on GPU;
+and an ahead-of-time compile of every kernel variant to an sm_90 cubin, which needs no GPU (triton ships
+ptxas), so code the interpreter accepts but the GPU compiler would reject is caught on CPU too.
+
+Run the compile check alone: `python tests/test_custom_ops.py [fp32,bf16,fp16]`.
+"""
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -138,3 +148,102 @@ def test_gpu_cuda_graph_capture():
     for e, c in list(zip(eager, captured))[:4]:
         torch.testing.assert_close(c, e)
     assert captured[4].abs().max() <= 0.5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ahead-of-time compile for sm_90 (run as a script: the kernels must be decorated without TRITON_INTERPRET).
+
+
+def _aot_cases():
+    from fastat.ops.losses import triton_kernels as ls
+    from fastat.ops.noise import triton_kernels as nz
+    from fastat.ops.noisy_input import triton_kernels as ni
+    from fastat.ops.perturbation import triton_kernels as pt
+
+    T = dict(BLOCK_B=1, BLOCK_D=4096)  # GPU tiles: one long row slice / many short rows
+    T2 = dict(BLOCK_B=256, BLOCK_D=16)
+    CASES = [
+        (nz._gaussian_noise_kernel, {"out": None}, dict(CHANNELS_LAST=True, **T)),
+        (ni._noisy_input_fwd_kernel, dict.fromkeys(["x0", "noise", "delta", "out", "alpha_ptr", "sigma_ptr"]),
+         dict(ALPHA_T=True, SIGMA_T=True, HAS_DELTA=True, SEEDED=True, CHANNELS_LAST=True, **T)),
+        (ni._noisy_input_fwd_kernel, dict.fromkeys(["x0", "noise", "delta", "out", "alpha_ptr", "sigma_ptr"]),
+         dict(ALPHA_T=False, SIGMA_T=False, HAS_DELTA=False, SEEDED=False, CHANNELS_LAST=False, **T2)),
+        (ni._noisy_input_bwd_kernel, dict.fromkeys(["grad", "grad_x0", "grad_noise", "alpha_ptr", "sigma_ptr"]),
+         dict(ALPHA_T=True, SIGMA_T=False, WANT_X0=True, WANT_NOISE=True, **T)),
+        (pt._pgd_stats_kernel, {"delta": None, "grad": None, "partials": "fp32"}, dict(L2=True, **T)),
+        (pt._pgd_apply_kernel, dict.fromkeys(["delta", "grad", "base", "out", "xout", "step_ptr", "rad_ptr"]) | {"partials": "fp32"},
+         dict(STEP_T=True, RAD_T=True, L2=True, NORMALIZE=True, HAS_BASE=True, FUSED=False, NSPLIT_P2=32, **T)),
+        (pt._pgd_apply_kernel, dict.fromkeys(["delta", "grad", "base", "out", "xout", "step_ptr", "rad_ptr"]) | {"partials": "fp32"},
+         dict(STEP_T=False, RAD_T=False, L2=False, NORMALIZE=True, HAS_BASE=False, FUSED=True, NSPLIT_P2=1, **T2)),
+        (pt._pgd_apply_kernel, dict.fromkeys(["delta", "grad", "base", "out", "xout", "step_ptr", "rad_ptr"]) | {"partials": "fp32"},
+         dict(STEP_T=False, RAD_T=True, L2=True, NORMALIZE=False, HAS_BASE=False, FUSED=False, NSPLIT_P2=1, **T)),
+        (pt._randn_sumsq_kernel, {"seed_ptr": "i64", "partials": "fp32"}, dict(**T)),
+        (pt._random_apply_kernel, {"out": None, "seed_ptr": "i64", "partials": "fp32", "rad_ptr": "fp32"},
+         dict(RAD_T=True, L2=True, NORMAL=False, NSPLIT_P2=16, **T)),
+        (pt._random_apply_kernel, {"out": None, "seed_ptr": "i64", "partials": "fp32", "rad_ptr": "fp32"},
+         dict(RAD_T=False, L2=False, NORMAL=True, NSPLIT_P2=1, **T2)),
+        (ls._loss_fwd_kernel, dict.fromkeys(["a", "b", "c", "res", "k_ptr"]) | {"partials": "fp32", "loss": "fp32"},
+         dict(K_T=True, HAS_C=True, SEEDED=True, CHANNELS_LAST=True, METRIC=0, SAVE_RES=True, FINISH=False, **T)),
+        (ls._loss_fwd_kernel, dict.fromkeys(["a", "b", "c", "res", "k_ptr"]) | {"partials": "fp32", "loss": "fp32"},
+         dict(K_T=False, HAS_C=False, SEEDED=False, CHANNELS_LAST=False, METRIC=2, SAVE_RES=False, FINISH=True, **T2)),
+        (ls._loss_bwd_kernel, dict.fromkeys(["res", "ga", "gb", "gc", "k_ptr"]) | {"gout": "fp32", "loss": "fp32"},
+         dict(K_T=True, METRIC=2, WANT_A=True, WANT_B=True, WANT_C=True, **T)),
+        (ls._loss_bwd_kernel, dict.fromkeys(["res", "ga", "gb", "gc", "k_ptr"]) | {"gout": "fp32", "loss": "fp32"},
+         dict(K_T=False, METRIC=1, WANT_A=True, WANT_B=False, WANT_C=False, **T2)),
+    ]
+
+    return CASES
+
+
+def _aot_compile(kernel, pointers, constexprs, dtype, arch=90):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    floats = {"alpha_s", "sigma_s", "step_s", "rad_s", "k_s", "inv_d", "huber_c", "inv_sqrt_d"}
+    i64 = {"seed", "offset", "noise_offset", "numel"}
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = "*" + (pointers[name] or dtype)
+        else:
+            sig[name] = "fp32" if name in floats else "i64" if name in i64 else "i32"
+    const = {(kernel.arg_names.index(n),): v for n, v in constexprs.items()}
+    warps = max(1, min(8, constexprs["BLOCK_B"] * constexprs["BLOCK_D"] // 512))  # as fastat._triton_utils.tile
+    return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": warps})
+
+
+def _aot_main(dtypes):
+    failures = 0
+    for kernel, pointers, constexprs in _aot_cases():
+        for dtype in dtypes:
+            start = time.time()
+            try:
+                out = _aot_compile(kernel, pointers, constexprs, dtype)
+                assert out.asm["cubin"], "no cubin"
+                print(f"ok   {kernel.fn.__name__:26s} {dtype} cubin {len(out.asm['cubin'])} B {time.time() - start:.1f}s")
+            except Exception as exc:  # report every variant, then fail
+                failures += 1
+                print(f"FAIL {kernel.fn.__name__} {dtype} {constexprs}: {type(exc).__name__}: {str(exc)[:3000]}")
+    print(f"{failures} failures")
+    return 1 if failures else 0
+
+
+@pytest.mark.slow  # ~15-30 s of CPU for 30 variants (cached afterwards in ~/.triton/cache)
+def test_every_kernel_compiles_for_sm90():
+    if not os.path.exists(os.path.join(os.path.dirname(__import__("triton").__file__), "backends", "nvidia")):
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "fp32,bf16"], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    sys.exit(_aot_main(sys.argv[1].split(",") if len(sys.argv) > 1 else ["fp32", "bf16"]))
