@@ -7,6 +7,7 @@ The full nvcc compile-only check of every .cu (tools/check_cuda_compile.py, ~1-3
 from __future__ import annotations
 
 import contextlib
+import math
 import importlib.util
 import io
 import os
@@ -17,6 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from fastat.ops.noise import reference as noise_ref
+from fastat.ops.noisy_input import reference as ni_ref
+from fastat.ops.perturbation import reference as pert_ref
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc" / "cuda"
@@ -237,6 +242,306 @@ def test_kernel_index_arithmetic_on_host(tmp_path):
     subprocess.run([cxx, "-O2", "-std=c++17", f"-I{CSRC}", str(tmp_path / "index.cpp"), "-o", str(exe)], check=True, timeout=120)
     proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "0 failures", proc.stdout[-3000:]
+
+
+# ---- the kernels' functors (csrc/cuda/*_ops.cuh) compiled for the host and run against the float64 reference --
+
+FUNCTOR_HARNESS = r"""
+// Host driver for the CUDA kernels' functors (csrc/cuda/*_ops.cuh): the launch templates of common.cuh are
+// replayed serially (several "threads" over the grid-stride walk, 32 "lanes" per tile), so the per-element and
+// per-sample code that runs on the GPU runs here on the CPU. Inputs and outputs are raw files written/read by
+// tests/test_cuda_build.py.  usage: functors <f32|f16|bf16|f64> <op> <dir> <B> <D> <vec 0|1> [op args]
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "losses_ops.cuh"
+#include "noisy_input_ops.cuh"
+#include "perturbation_ops.cuh"
+
+using namespace fastat;
+
+template <typename X> std::vector<X> read(const std::string& path, int64_t n) {
+  std::vector<X> v(n);
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f || std::fread(v.data(), sizeof(X), n, f) != static_cast<size_t>(n)) { std::fprintf(stderr, "cannot read %s\n", path.c_str()); std::exit(2); }
+  std::fclose(f);
+  return v;
+}
+
+template <typename X> void write(const std::string& path, const std::vector<X>& v) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  std::fwrite(v.data(), sizeof(X), v.size(), f);
+  std::fclose(f);
+}
+
+constexpr int64_t kLanes = 5;  // grid-stride "threads" of an elementwise launch
+
+template <int P, typename F> void elementwise(int64_t n, bool vec, F f) {
+  for (int64_t lane = 0; lane < kLanes; ++lane) {
+    if (vec) for_range<P>(0, n, lane, kLanes, f);
+    else for_range<1>(0, n, lane, kLanes, f);
+  }
+}
+
+template <int P, int K, typename A, typename F> std::vector<A> tile_reduce(const Tiling& t, bool vec, const F& f) {
+  std::vector<A> partials(t.tiles * K);
+  for (int64_t tile = 0; tile < t.tiles; ++tile) {
+    const TileRange r = tile_range(t, tile);
+    A total[K] = {};
+    for (int64_t lane = 0; lane < 32; ++lane) {
+      F g = f;
+      g.reset(r.b);
+      if (vec) for_range<P>(r.lo, r.hi, lane, 32, g);
+      else for_range<1>(r.lo, r.hi, lane, 32, g);
+      A s[K];
+      g.partials(s);
+      for (int k = 0; k < K; ++k) total[k] += s[k];
+    }
+    for (int k = 0; k < K; ++k) partials[tile * K + k] = total[k];
+  }
+  return partials;
+}
+
+template <int K, typename A, typename Fin> void finalize(const Tiling& t, const std::vector<A>& partials, const Fin& fin) {
+  for (int64_t b = 0; b < t.batch; ++b) {  // as finalize_kernel: fp64 sum over the chunks in order
+    double total[K] = {};
+    for (int64_t c = 0; c < t.chunks; ++c)
+      for (int k = 0; k < K; ++k) total[k] += static_cast<double>(partials[(b * t.chunks + c) * K + k]);
+    A s[K];
+    for (int k = 0; k < K; ++k) s[k] = static_cast<A>(total[k]);
+    fin(b, s);
+  }
+}
+
+template <typename T> int run(const std::string& op, const std::string& dir, int64_t B, int64_t D, bool vec, char** extra) {
+  using A = acc_t<T>;
+  constexpr int P = pack_size<T>();
+  const int64_t n = B * D;
+  const std::string in = dir + "/";
+  const int sms = 3;  // a small "GPU": several chunks per sample for D >= 1024 * 3 * 64 / B
+  std::vector<float> coef_a = read<float>(in + "coef_a.bin", B), coef_b = read<float>(in + "coef_b.bin", B);
+  const Coef<A> ca{coef_a.data(), false, A(0)}, cb{coef_b.data(), false, A(0)};
+  if (op == "noisy_input") {  // extra: seeded (0|1)
+    const bool seeded = std::atoi(extra[0]) != 0;
+    auto x0 = read<T>(in + "x.bin", n), noise = read<T>(in + "y.bin", n), delta = read<T>(in + "z.bin", n);
+    std::vector<T> out(n);
+    elementwise<P>(n, vec, NoisyInputOp<T>{x0.data(), seeded ? nullptr : noise.data(), delta.data(), out.data(), ca, cb, D, seeded, 7, 11});
+    write(in + "out.bin", out);
+  } else if (op == "pgd_l2" || op == "pgd_linf") {  // extra: normalize (0|1); coef_a = step, coef_b = radius
+    const bool normalize = std::atoi(extra[0]) != 0;
+    auto delta = read<T>(in + "x.bin", n), grad = read<T>(in + "y.bin", n), base = read<T>(in + "z.bin", n);
+    std::vector<T> out(n), xout(n);
+    if (op == "pgd_l2") {
+      const Tiling t = tiling_for(B, D, vec ? P : 1, sms);
+      auto partials = tile_reduce<P, 4, A>(t, vec, L2StatsOp<T>{delta.data(), grad.data()});
+      std::vector<A> coef(2 * B);
+      finalize<4>(t, partials, L2CoefFin<A>{ca, cb, normalize, coef.data()});
+      elementwise<P>(n, vec, L2ApplyOp<T>{delta.data(), grad.data(), out.data(), base.data(), xout.data(), coef.data(), D});
+    } else {
+      std::vector<int> bad(B, 0);
+      elementwise<P>(n, vec, LinfStepOp<T>{delta.data(), grad.data(), out.data(), base.data(), xout.data(), bad.data(), ca, cb, normalize, D});
+      elementwise<P>(n, vec, RestoreOp<T>{delta.data(), out.data(), base.data(), xout.data(), bad.data(), D});
+    }
+    write(in + "out.bin", out);
+    write(in + "xout.bin", xout);
+  } else if (op == "residual") {  // extra: metric, huber_c, seeded; coef_a = divisor k; coef_b = grad of the loss
+    const int metric = std::atoi(extra[0]);
+    const A huber_c = static_cast<A>(std::atof(extra[1]));
+    const bool seeded = std::atoi(extra[2]) != 0;
+    auto a = read<T>(in + "x.bin", n), b = read<T>(in + "y.bin", n), c = read<T>(in + "z.bin", n);
+    std::vector<T> residual(n), ga(n), gb(n), gc(n);
+    const Tiling t = tiling_for(B, D, vec ? P : 1, sms);
+    auto partials = tile_reduce<P, 1, A>(t, vec, ResidualOp<T, true>{a.data(), seeded ? nullptr : b.data(), c.data(), residual.data(), ca, metric == 1, seeded, 7, 11});
+    std::vector<A> loss(B), gl(B);
+    finalize<1>(t, partials, LossFin<A>{metric, D, huber_c, loss.data()});
+    for (int64_t i = 0; i < B; ++i) gl[i] = static_cast<A>(coef_b[i]);
+    elementwise<P>(n, vec, ResidualGradOp<T>{residual.data(), gl.data(), loss.data(), ga.data(), gb.data(), gc.data(), ca, huber_c, metric, D});
+    std::vector<double> loss_d(loss.begin(), loss.end());
+    write(in + "loss.bin", loss_d);
+    write(in + "ga.bin", ga);
+    write(in + "gb.bin", gb);
+    write(in + "gc.bin", gc);
+  } else if (op == "random") {  // extra: l2 (0|1), normal (0|1); coef_b = radius
+    const bool l2 = std::atoi(extra[0]) != 0, normal = std::atoi(extra[1]) != 0;
+    const int64_t seed = 12345;
+    std::vector<T> out(n);
+    if (l2) {
+      const Tiling t = tiling_for(B, D, vec ? P : 1, sms);
+      auto partials = tile_reduce<P, 1, A>(t, vec, NormalSumOp<A>{&seed});
+      std::vector<A> coef(B);
+      finalize<1>(t, partials, BallCoefFin<A>{&seed, cb, D, normal, coef.data()});
+      elementwise<P>(n, vec, RandomApplyOp<T>{out.data(), &seed, cb, coef.data(), 0, D});
+    } else {
+      elementwise<P>(n, vec, RandomApplyOp<T>{out.data(), &seed, cb, nullptr, normal ? 2 : 1, D});
+    }
+    write(in + "out.bin", out);
+  } else {
+    std::fprintf(stderr, "unknown op %s\n", op.c_str());
+    return 2;
+  }
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  if (argc < 7) return 2;
+  const std::string dtype = argv[1], op = argv[2], dir = argv[3];
+  const int64_t B = std::atoll(argv[4]), D = std::atoll(argv[5]);
+  const bool vec = std::atoi(argv[6]) != 0;
+  if (dtype == "f32") return run<float>(op, dir, B, D, vec, argv + 7);
+  if (dtype == "f64") return run<double>(op, dir, B, D, vec, argv + 7);
+  if (dtype == "f16") return run<c10::Half>(op, dir, B, D, vec, argv + 7);
+  if (dtype == "bf16") return run<c10::BFloat16>(op, dir, B, D, vec, argv + 7);
+  return 2;
+}
+"""
+
+HOST_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
+HOST_TOL = {"f32": (2e-5, 2e-5), "f64": (1e-10, 1e-10), "f16": (2e-3, 4e-3), "bf16": (1.6e-2, 3.2e-2)}
+
+
+@pytest.fixture(scope="module")
+def functors(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    from torch.utils.cpp_extension import include_paths
+
+    folder = tmp_path_factory.mktemp("functors")
+    (folder / "functors.cpp").write_text(FUNCTOR_HARNESS)
+    exe = folder / "functors"
+    cmd = [cxx, "-O1", "-std=c++17", f"-I{CSRC}", f"-I{include_paths()[0]}", str(folder / "functors.cpp"), "-o", str(exe)]
+    subprocess.run(cmd, check=True, timeout=300)
+    return exe
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    t = t.contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def _load(path: Path, dtype: torch.dtype, shape) -> torch.Tensor:
+    raw = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.int16 if dtype == torch.bfloat16 else dtype)
+    return raw.view(dtype).reshape(shape).clone() if dtype == torch.bfloat16 else raw.reshape(shape).clone()
+
+
+def _run_host(exe, tmp_path, dtype_name, op, B, D, vec, extra, x, y, z, coef_a, coef_b):
+    for name, t in (("x", x), ("y", y), ("z", z)):
+        (tmp_path / f"{name}.bin").write_bytes(_raw(t))
+    (tmp_path / "coef_a.bin").write_bytes(_raw(coef_a.float()))
+    (tmp_path / "coef_b.bin").write_bytes(_raw(coef_b.float()))
+    cmd = [str(exe), dtype_name, op, str(tmp_path), str(B), str(D), str(int(vec))] + [str(e) for e in extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _inputs(B, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
+
+
+HOST_CASES = [(3, 7), (4, 1030), (1, 1), (2, 13000)]  # odd D (packs straddle samples), several chunks per sample
+
+
+@pytest.mark.parametrize("dtype_name", list(HOST_DTYPES))
+@pytest.mark.parametrize("vec", [True, False])
+def test_host_functors_noisy_input(functors, tmp_path, dtype_name, vec):
+    dtype = HOST_DTYPES[dtype_name]
+    atol, rtol = HOST_TOL[dtype_name]
+    for B, D in HOST_CASES:
+        x0, noise, delta = _inputs(B, D, dtype, B * D)
+        alpha, sigma = torch.rand(B) + 0.1, torch.rand(B) + 0.1
+        for seeded in (0, 1):
+            _run_host(functors, tmp_path, dtype_name, "noisy_input", B, D, vec, [seeded], x0, noise, delta, alpha, sigma)
+            out = _load(tmp_path / "out.bin", dtype, (B, D))
+            eps = noise_ref.randn_flat(7, 11, B * D, "cpu").view(B, D).double() if seeded else noise.double()
+            ref = ni_ref.noisy_input(x0.double(), eps, alpha.double(), sigma.double(), delta.double())
+            # seeded noise is an fp32 draw (libm vs torch log/cos: a few fp32 ulp), whatever the data dtype
+            tol = (max(atol, 2e-6), max(rtol, 2e-6)) if seeded else (atol, rtol)
+            torch.testing.assert_close(out.double(), ref, atol=tol[0], rtol=tol[1])
+
+
+@pytest.mark.parametrize("dtype_name", list(HOST_DTYPES))
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("normalize", [1, 0])
+def test_host_functors_pgd_step(functors, tmp_path, dtype_name, norm, normalize):
+    dtype = HOST_DTYPES[dtype_name]
+    atol, rtol = HOST_TOL[dtype_name]
+    for B, D in HOST_CASES:
+        for vec in (True, False):
+            delta, grad, base = _inputs(B, D, dtype, B + D)
+            delta = (delta.double() * 0.1).to(dtype)
+            if B > 2:
+                grad[1, D // 2] = float("inf")  # the non-finite policy: sample 1 keeps its delta
+            step = torch.rand(B) + 0.05
+            radius = torch.linspace(0.05, 3.0, B) * (1.0 if norm == "l2" else 0.05)
+            _run_host(functors, tmp_path, dtype_name, f"pgd_{norm}", B, D, vec, [normalize], delta, grad, base, step, radius)
+            out = _load(tmp_path / "out.bin", dtype, (B, D))
+            xout = _load(tmp_path / "xout.bin", dtype, (B, D))
+            ref, ref_x = pert_ref.pgd_step(delta.double(), grad.double(), step.double(), radius.double(), norm, bool(normalize),
+                                           model_input_base=base.double())
+            # The reference rounds once (fp64 -> dtype); the kernel's fp32 arithmetic adds a few ulp of fp32.
+            torch.testing.assert_close(out.double(), ref, atol=atol * 2, rtol=rtol * 2)
+            torch.testing.assert_close(xout.double(), ref_x, atol=atol * 2, rtol=rtol * 2)
+            if B > 2:
+                assert torch.equal(out[1], delta[1])
+
+
+@pytest.mark.parametrize("dtype_name", list(HOST_DTYPES))
+@pytest.mark.parametrize("metric,huber_c", [(0, 0.0), (1, 0.0), (2, 0.05)])
+def test_host_functors_residual_loss(functors, tmp_path, dtype_name, metric, huber_c):
+    dtype = HOST_DTYPES[dtype_name]
+    atol, rtol = HOST_TOL[dtype_name]
+    for B, D in HOST_CASES:
+        for vec, seeded in ((True, 0), (False, 0), (True, 1)):
+            a, b, c = _inputs(B, D, dtype, 3 * B + D)
+            k = torch.rand(B) + 0.3
+            gl = torch.randn(B)
+            _run_host(functors, tmp_path, dtype_name, "residual", B, D, vec, [metric, huber_c, seeded], a, b, c, k, gl)
+            loss = _load(tmp_path / "loss.bin", torch.float64, (B,))
+            a64, b64, c64 = (t.double().requires_grad_() for t in (a, b, c))
+            if seeded:
+                b64 = noise_ref.randn_flat(7, 11, B * D, "cpu").view(B, D).double().requires_grad_()
+            r = a64 - b64 - c64 / k.double()[:, None]
+            ref = {0: (r * r).mean(1), 1: r.abs().mean(1), 2: ((r * r).sum(1) + huber_c**2).sqrt() - huber_c}[metric]
+            if seeded:
+                atol, rtol = max(atol, 2e-6), max(rtol, 2e-6)
+            torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol)
+            grads = torch.autograd.grad((ref * gl.double()).sum(), (a64, b64, c64))
+            for name, expected in zip(("ga", "gb", "gc"), grads):
+                got = _load(tmp_path / f"{name}.bin", dtype, (B, D)).double()
+                # grads are r (stored in the input dtype) times a per-sample factor: relative to the largest entry
+                scale = expected.abs().max().item() + 1e-30
+                torch.testing.assert_close(got / scale, expected / scale, atol=atol * 4, rtol=rtol * 4)
+
+
+@pytest.mark.parametrize("dtype_name", ["f32", "f16"])
+@pytest.mark.parametrize("l2,normal", [(1, 0), (1, 1), (0, 0), (0, 1)])
+def test_host_functors_random_perturbation(functors, tmp_path, dtype_name, l2, normal):
+    dtype = HOST_DTYPES[dtype_name]
+    B, D = 64, 300
+    radius = torch.linspace(0.5, 2.0, B)
+    dummy = torch.zeros(B, D, dtype=dtype)
+    _run_host(functors, tmp_path, dtype_name, "random", B, D, True, [l2, normal], dummy, dummy, dummy, radius, radius)
+    out = _load(tmp_path / "out.bin", dtype, (B, D)).double()
+    n = noise_ref.randn_flat(12345, 0, B * D, "cpu").view(B, D).double()
+    r = radius.double()[:, None]
+    if l2:
+        norms = out.norm(dim=1)
+        if normal:
+            ref = pert_ref.project_l2(n * r / math.sqrt(D), radius.double())
+            torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+        else:  # direction of the normal draw, length R * U^(1/D) <= R
+            torch.testing.assert_close(out / norms[:, None], n / n.norm(dim=1, keepdim=True), atol=2e-3, rtol=2e-3)
+            assert bool((norms <= radius.double() * (1 + 2e-3)).all()) and bool((norms >= radius.double() * 0.95).all())
+    elif normal:
+        torch.testing.assert_close(out, torch.maximum(torch.minimum(n * r, r), -r), atol=2e-3, rtol=2e-3)
+    else:
+        assert bool((out.abs() <= r * (1 + 1e-3)).all()) and abs((out / r).var().item() - 1 / 3) < 0.02
 
 
 # ---- nvcc --------------------------------------------------------------------------------------------------
