@@ -50,6 +50,8 @@ def test_bench_runner_records_a_failing_step_suite(tmp_path, monkeypatch):
     assert "kernel exploded" in result["meta"]["skipped"]["steps"] and result["rows"] == []
 
 
-def test_bench_cli_rejects_unknown_suite(tmp_path):
+def test_bench_cli_rejects_unknown_suite(tmp_path, capsys):
+    assert main(["bench", "--quick", "--suites", "ops,kernels", "--out", str(tmp_path)]) == 2
+    assert "suites must be a non-empty subset" in capsys.readouterr().err
     with pytest.raises(ValueError, match="suites"):
-        main(["bench", "--quick", "--suites", "ops,kernels", "--out", str(tmp_path)])
+        run("cpu", quick=True, out_dir=str(tmp_path), suites=["kernels"])

@@ -47,6 +47,7 @@ def test_run_demo_rejects_unknown_methods_and_settings(tmp_path):
         run_demo(methods="standard,fgsm", quick=True, out=str(tmp_path))
     with pytest.raises(ValueError, match="settings"):
         run_demo(settings=["dirty"], quick=True, out=str(tmp_path))
+    assert main(["demo", "--quick", "--methods", "fgsm", "--out", str(tmp_path)]) == 2
 
 
 def test_demo_quick_smoke_writes_files_with_finite_numbers(tmp_path, capsys):

@@ -98,7 +98,7 @@ def run_demo(
     """Run the demo (see the module docstring) and return its results dict (also written to out/demo.json).
 
     methods: subset of METHODS ("standard" is always added: it is every comparison's baseline);
-    settings: subset of ("clean", "noisy", "outliers"); steps: optimizer steps per model (default 600,
+    settings: subset of ("clean", "noisy", "outliers"); steps: optimizer steps per model (default 500,
     --quick 40); radius: perturbation radius r for evaluation (L2, R = r sqrt(2)); threads: CPU threads
     (default 1: a 2-layer MLP step is overhead-bound and extra threads only contend)."""
     stream = stream if stream is not None else sys.stdout
@@ -113,7 +113,7 @@ def run_demo(
         cfg = TrainConfig(steps=steps or 40, batch=64, hidden=32, depth=2, seed=seed)
         sizes = dict(n_train=256, n_eval=200, n_samples=200, w2_points=100, attack_points=32, sample_steps=20, reps=2)
     else:
-        cfg = TrainConfig(steps=steps or 600, seed=seed)
+        cfg = TrainConfig(steps=steps or 500, seed=seed)
         sizes = dict(n_train=2048, n_eval=2000, n_samples=2000, w2_points=1000, attack_points=500, sample_steps=100, reps=20)
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")

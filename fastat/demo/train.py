@@ -38,7 +38,7 @@ METHODS: Dict[str, Dict] = {
 
 @dataclass
 class TrainConfig:
-    steps: int = 600           # optimizer steps per model
+    steps: int = 500           # optimizer steps per model
     batch: int = 256
     lr: float = 3e-3           # Adam, cosine decay to 10% over `steps`
     hidden: int = 128
