@@ -293,6 +293,13 @@ def _cpu_status() -> Tuple[bool, str]:
 
 # ----------------------------------------------------- conventions shared by the ops' Python glue
 
+def below_autograd():
+    """Context in which a fastat op call goes straight to its kernel, skipping the op's Python autograd
+    registration (what torch.library's own generated autograd does around its forward). For use inside an
+    autograd.Function's forward, or where no gradient is needed."""
+    return torch._C._AutoDispatchBelowAutograd()
+
+
 def coef_args(coef) -> Tuple[Optional[torch.Tensor], float]:
     """A per-sample coefficient (float or [B] tensor) as the C++ ops take it: (tensor or None, float)."""
     if isinstance(coef, torch.Tensor):

@@ -86,7 +86,8 @@ class _ResidualLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, c, k_t, k, metric, huber_c):
-        loss, residual = _ops.residual_loss(a, b, c, k_t, k, metric, huber_c, True)
+        with _ext.below_autograd():
+            loss, residual = _ops.residual_loss(a, b, c, k_t, k, metric, huber_c, True)
         ctx.save_for_backward(residual, loss)
         ctx.args = (k_t, k, metric, huber_c, a.dtype)
         return loss
@@ -96,9 +97,10 @@ class _ResidualLoss(torch.autograd.Function):
         k_t, k, metric, huber_c, dtype = ctx.args
         residual, loss = ctx.saved_tensors
         need_a, need_b, need_c = ctx.needs_input_grad[:3]
-        ga, gb, gc = _ops.residual_loss_backward(
-            residual, grad_loss, loss, k_t, k, metric, huber_c, need_a, need_b, need_c, dtype
-        )
+        with _ext.below_autograd():
+            ga, gb, gc = _ops.residual_loss_backward(
+                residual, grad_loss, loss, k_t, k, metric, huber_c, need_a, need_b, need_c, dtype
+            )
         return ga if need_a else None, gb if need_b else None, gc if need_c else None, None, None, None, None
 
 
@@ -112,7 +114,8 @@ def _residual(a, b, c, k: Coef, metric: str = "l2", huber_c: float = 0.0) -> tor
     k_t, k_f = _ext.coef_args(k)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, c) if t is not None):
         return _ResidualLoss.apply(a, b, c, k_t, k_f, _METRICS[metric], float(huber_c))
-    return _ops.residual_loss(a, b, c, k_t, k_f, _METRICS[metric], float(huber_c), False)[0]
+    with _ext.below_autograd():
+        return _ops.residual_loss(a, b, c, k_t, k_f, _METRICS[metric], float(huber_c), False)[0]
 
 
 def _sigma_needs_grad(pred, noise, delta, sigma, target) -> Optional[str]:

@@ -60,11 +60,12 @@ class _NoisyInput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x0, noise, delta, alpha_t, alpha, sigma_t, sigma):
         ctx.coefs = (alpha_t, alpha, sigma_t, sigma)
-        return _ops.noisy_input(x0, noise, delta, alpha_t, alpha, sigma_t, sigma)
+        with _ext.below_autograd():
+            return _ops.noisy_input(x0, noise, delta, alpha_t, alpha, sigma_t, sigma)
 
     @staticmethod
     def backward(ctx, grad):
-        return _backward(ctx, grad)
+        return _backward(ctx, grad)  # scale_by_sample keeps its op-level autograd (double backward)
 
 
 def _coefficient_needs_grad(x0, noise, alpha, sigma, delta=None) -> Optional[str]:
@@ -92,4 +93,5 @@ def noisy_input(
     sigma_t, sigma_f = _ext.coef_args(sigma)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x0, noise, delta)):
         return _NoisyInput.apply(x0, noise, delta, alpha_t, alpha_f, sigma_t, sigma_f)
-    return _ops.noisy_input(x0, noise, delta, alpha_t, alpha_f, sigma_t, sigma_f)
+    with _ext.below_autograd():
+        return _ops.noisy_input(x0, noise, delta, alpha_t, alpha_f, sigma_t, sigma_f)
