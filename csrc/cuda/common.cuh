@@ -1,6 +1,9 @@
-// Shared pieces of fastat's CUDA kernels: light ATen/c10 includes (no torch/extension.h, no
-// ATen/cuda/CUDAContext.h, so each .cu compiles in ~20 s), 16-byte packs, the per-sample tiling of the
-// reductions, warp reductions and the launch-size policy.
+// Host side and launch templates of fastat's CUDA kernels: light ATen/c10 includes (no torch/extension.h,
+// no ATen/cuda/CUDAContext.h, so each .cu stays a light translation unit), layout/alignment checks, the launch
+// templates (grid-stride elementwise pass, per-sample tile reduction, per-sample finalize) and warp reductions.
+// Layout of csrc/cuda: indexing.cuh (range walk, sample cursor, tiling) and kernel_utils.cuh (packs, fp32
+// accumulation, per-sample coefficients) and the per-family functors *_ops.cuh are ATen-free and host-compilable
+// (tests/test_cuda_build.py runs them on the CPU); <family>.cu holds the host entry points; bindings.cpp the ops.
 //
 // Hopper (sm_90) choices, and why:
 //  * 16-byte vector loads/stores (LDG.128/STG.128) on the aligned body of every range, scalar head/tail:
@@ -27,7 +30,7 @@
 
 #include <cuda_runtime.h>
 
-#include "indexing.cuh"
+#include "kernel_utils.cuh"
 
 #include <cstdint>
 #include <initializer_list>
@@ -38,35 +41,6 @@ namespace fastat {
 
 constexpr int kThreads = 256;          // 8 warps: enough loads in flight per SM with several blocks resident
 constexpr int kWarps = kThreads / 32;
-constexpr float kNormFloor = 1e-8f;    // the official P1 code's max(||.||, 1e-8)
-
-// fp32 accumulation for fp32/fp16/bf16, fp64 for fp64.
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename T> using acc_t = typename Acc<T>::type;
-
-template <typename T> __device__ __forceinline__ acc_t<T> to_acc(T v) { return static_cast<acc_t<T>>(v); }
-template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) { return static_cast<T>(v); }
-
-// Elements per 16-byte pack.
-template <typename T> constexpr int pack_size() { return 16 / static_cast<int>(sizeof(T)) > 0 ? 16 / static_cast<int>(sizeof(T)) : 1; }
-
-template <typename T, int N> struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <int N, typename T> __device__ __forceinline__ void load(const T* p, int64_t i, acc_t<T> (&out)[N]) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p + i);
-#pragma unroll
-  for (int k = 0; k < N; ++k) out[k] = to_acc(pk.v[k]);
-}
-
-template <int N, typename T, typename A> __device__ __forceinline__ void store(T* p, int64_t i, const A (&in)[N]) {
-  Pack<T, N> pk;
-#pragma unroll
-  for (int k = 0; k < N; ++k) pk.v[k] = from_acc<T>(in[k]);
-  *reinterpret_cast<Pack<T, N>*>(p + i) = pk;
-}
 
 template <typename A> __device__ __forceinline__ A warp_sum(A v) {
   // Butterfly: every lane ends with the same, order-fixed sum (deterministic).
@@ -138,17 +112,6 @@ inline bool aligned16(std::initializer_list<const at::Tensor*> tensors) {
   }
   return true;
 }
-
-// Per-sample coefficient: a contiguous [B] fp32/fp64 tensor (read in the accumulation type) or a scalar.
-template <typename A> struct Coef {
-  const void* ptr;
-  bool is_double;
-  A scalar;
-  __device__ __forceinline__ A operator()(int64_t b) const {
-    if (ptr == nullptr) return scalar;
-    return is_double ? static_cast<A>(static_cast<const double*>(ptr)[b]) : static_cast<A>(static_cast<const float*>(ptr)[b]);
-  }
-};
 
 template <typename A> Coef<A> make_coef(const c10::optional<at::Tensor>& t, double scalar) {
   if (t.has_value() && t->defined()) return Coef<A>{t->data_ptr(), t->scalar_type() == at::kDouble, static_cast<A>(0)};

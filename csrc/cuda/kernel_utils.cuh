@@ -1,0 +1,66 @@
+// Device-side building blocks of the kernels with no ATen dependency (only c10's Half/BFloat16), written
+// __host__ __device__ so that the CPU test compiles the kernels' per-element code (the functors in *_ops.cuh)
+// with g++ and runs it against the float64 reference: fp32 accumulation, 16-byte packs, per-sample coefficients.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "indexing.cuh"
+#include "philox.cuh"
+
+namespace fastat {
+
+// float overloads on the host too (device code has them anyway).
+using std::fabs;
+using std::fmax;
+using std::fmin;
+using std::isfinite;
+using std::pow;
+using std::sqrt;
+
+constexpr float kNormFloor = 1e-8f;    // the official P1 code's max(||.||, 1e-8)
+
+// fp32 accumulation for fp32/fp16/bf16, fp64 for fp64.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+template <typename T> using acc_t = typename Acc<T>::type;
+
+template <typename T> FASTAT_HD acc_t<T> to_acc(T v) { return static_cast<acc_t<T>>(v); }
+template <typename T, typename A> FASTAT_HD T from_acc(A v) { return static_cast<T>(v); }
+
+// Elements per 16-byte pack.
+template <typename T> constexpr int pack_size() { return 16 / static_cast<int>(sizeof(T)) > 0 ? 16 / static_cast<int>(sizeof(T)) : 1; }
+
+template <typename T, int N> struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T> FASTAT_HD void load(const T* p, int64_t i, acc_t<T> (&out)[N]) {
+  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p + i);
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = to_acc(pk.v[k]);
+}
+
+template <int N, typename T, typename A> FASTAT_HD void store(T* p, int64_t i, const A (&in)[N]) {
+  Pack<T, N> pk;
+#pragma unroll
+  for (int k = 0; k < N; ++k) pk.v[k] = from_acc<T>(in[k]);
+  *reinterpret_cast<Pack<T, N>*>(p + i) = pk;
+}
+
+// Per-sample coefficient: a contiguous [B] fp32/fp64 tensor (read in the accumulation type) or a scalar.
+template <typename A> struct Coef {
+  const void* ptr;
+  bool is_double;
+  A scalar;
+  FASTAT_HD A operator()(int64_t b) const {
+    if (ptr == nullptr) return scalar;
+    return is_double ? static_cast<A>(static_cast<const double*>(ptr)[b]) : static_cast<A>(static_cast<const float*>(ptr)[b]);
+  }
+};
+
+}  // namespace fastat
