@@ -111,3 +111,16 @@ def test_errors():
         fastat.FreeReplay(model, opt, 2, alphas_cumprod=TABLE, grad_accum_steps=4).step(x0, t, noise)
     with pytest.raises(ValueError, match="adv_steps"):
         fastat.FreeReplay(model, opt, 2, alphas_cumprod=TABLE, adv_steps=5)
+
+
+def test_bf16_autocast_free_replay_keeps_fp32_perturbation():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+    net = lambda x, t: model(x)  # noqa: E731
+    x0, noise, t = torch.randn(8, 2), torch.randn(8, 2), torch.randint(0, 1000, (8,))
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastat.FreeReplay(net, torch.optim.SGD(model.parameters(), lr=0.1), 2, method="p2",
+                                alphas_cumprod=TABLE).step(x0, t, noise)
+    assert out["delta"][0].dtype == torch.float32 and all(torch.isfinite(v) for v in out["losses"])
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))

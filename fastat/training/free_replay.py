@@ -42,7 +42,7 @@ FREE_METHODS = ("p1", "p2", "cm")
 class FreeReplay:
     """Free-AT trainer: ``FreeReplay(model, optimizer, replays=3, alphas_cumprod=table).step(x0)``.
 
-    Arguments as in diffusion_adv_loss (eps, eps_mode, alpha, norm, random_start, target, P2's lam, beta,
+    ``replays`` = K (AT_Diff alias ``adv_steps``; default 3). Arguments as in diffusion_adv_loss (eps, eps_mode, alpha, norm, random_start, target, P2's lam, beta,
     rho, r_min, radius_fn, detach_anchor, batch_branches; AT_Diff aliases). Defaults are P1's official
     CIFAR-10 settings: K = 3, alpha = 0.1, eps = 0.1 (rms: R = 0.1 sqrt(D)), zero init, "delta_detach".
 
@@ -56,7 +56,7 @@ class FreeReplay:
         self,
         model,
         optimizer,
-        replays: int = 3,
+        replays: Optional[int] = None,
         *,
         method: str = "p1",
         alphas_cumprod=None,
@@ -85,16 +85,17 @@ class FreeReplay:
         **aliases,
     ):
         check_choice("method", method, FREE_METHODS)
+        if "adv_steps" in aliases:
+            aliases = dict(aliases)
+            k = aliases.pop("adv_steps")
+            if replays is not None and replays != k:
+                raise ValueError(f"replays={replays} and its alias adv_steps={k} disagree; pass only one")
+            replays = k
+        replays = 3 if replays is None else replays
         if isinstance(replays, bool) or not isinstance(replays, int) or replays < 1:
             raise ValueError(f"replays must be an int >= 1, got {replays!r}")
         if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
-        if "adv_steps" in aliases:
-            aliases = dict(aliases)
-            k = aliases.pop("adv_steps")
-            if replays != 3 and replays != k:
-                raise ValueError(f"replays={replays} and its alias adv_steps={k} disagree; pass only one")
-            replays = k
         opts = resolve_aliases(
             {"alpha": alpha, "eps": eps, "norm": norm, "target": target},
             aliases,
