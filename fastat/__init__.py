@@ -4,7 +4,8 @@ Importing fastat touches neither CUDA nor triton nor a compiled extension; kerne
 """
 import torch  # noqa: F401  (compiled extensions need libtorch loaded first)
 
-from . import schedules
+from . import _ext, schedules  # _ext: the compiled-extension loader (pure Python; builds nothing at import)
+from ._dispatch import preload
 from ._backend import BACKENDS, BackendUnavailableError, backend_status, get_backend, set_backend, use_backend
 from .ops.losses import consistency_distance, equivariance_regularizer, equivariant_mse
 from .ops.noise import SeededNoise, gaussian_noise
@@ -21,6 +22,7 @@ __all__ = [
     "SeededNoise",
     "alpha_sigma",
     "backend_status",
+    "preload",
     "consistency_distance",
     "equivariance_regularizer",
     "equivariant_mse",

@@ -13,10 +13,10 @@ variable FASTAT_BACKEND, then "auto". Nothing here touches CUDA or imports trito
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import importlib.util
 import os
+import sys
 from typing import Iterator, Optional, Tuple
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
@@ -49,6 +49,13 @@ def set_backend(name: str) -> None:
         ok, why = backend_status(name)
         if not ok:
             raise BackendUnavailableError(f"fastat backend {name!r} is not available: {why}")
+        from ._dispatch import preload
+
+        preload(name)
+    else:
+        from ._dispatch import forget_probes
+
+        forget_probes()
     _requested = name
 
 
@@ -81,15 +88,21 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_cache: dict = {}  # plain dict, not lru_cache: torch.compile traces dict lookups but not imports
+
+
 def _triton_version() -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return None
-    try:
-        import triton
-    except Exception as exc:  # a broken install must not break fastat
-        return f"broken ({type(exc).__name__}: {exc})"
-    return triton.__version__
+    if "triton" not in _cache:
+        if importlib.util.find_spec("triton") is None:
+            _cache["triton"] = None
+        else:
+            try:
+                import triton
+
+                _cache["triton"] = triton.__version__
+            except Exception as exc:  # a broken install must not break fastat
+                _cache["triton"] = f"broken ({type(exc).__name__}: {exc})"
+    return _cache["triton"]
 
 
 def _cuda_available() -> bool:
@@ -100,9 +113,9 @@ def _cuda_available() -> bool:
 
 def _extension_status(kind: str) -> Tuple[bool, str]:
     """(built, reason) for the compiled extensions; fastat._ext owns building and loading them."""
-    if importlib.util.find_spec("fastat._ext") is None:
-        return False, "this fastat has no compiled extension module"
-    ext = importlib.import_module("fastat._ext")
+    ext = sys.modules.get("fastat._ext")  # imported by fastat/__init__; no import here (torch.compile traces this)
+    if ext is None:
+        return False, "fastat._ext (the extension loader) is not imported"
     return ext.status(kind)
 
 

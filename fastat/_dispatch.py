@@ -31,6 +31,20 @@ _AUTO_ORDER_PER_OP: Dict[Tuple[str, str], Tuple[str, ...]] = {}
 def register_kernel(op: str, backend: str, target: str) -> None:
     """Register `target` ("package.module:function") as `op`'s kernel on `backend`."""
     _REGISTRY.setdefault(op, {})[backend] = target
+    if backend == "torch":  # plain torch: load now, so torch.compile never traces an import
+        _load(op, backend)
+
+
+def preload(backend: Optional[str] = None) -> None:
+    """Import the kernels of `backend` (default: every available backend) now, not on first call.
+
+    Needed before `torch.compile(fullgraph=True)` traces a first call: tracing cannot import modules.
+    """
+    forget_probes()
+    for op, kernels in _REGISTRY.items():
+        for name in kernels:
+            if (backend is None or name == backend) and _status(name)[0]:
+                _load(op, name)
 
 
 def refuses_when(check: Callable[..., Optional[str]]) -> Callable[[Callable], Callable]:
@@ -67,27 +81,52 @@ def _load(op: str, backend: str) -> Callable:
     return _LOADED[key]
 
 
-def _refusal(op: str, backend: str, device_type: str, args, kwargs) -> Optional[str]:
-    """Why `backend` cannot run this call of `op`, or None."""
-    if backend not in _REGISTRY.get(op, {}):
-        return f"backend {backend!r} has no kernel for {op}"
-    ok, why = backend_status(backend)
-    if not ok:
-        return why
-    why = device_refusal(backend, device_type)
-    if why is not None:
-        return why
-    check = getattr(_load(op, backend), "unsupported", None)
-    return check(*args, **kwargs) if check is not None else None
+# Machine-level facts, memoised: probing a compiled backend reads the disk, far too slow per call and
+# impossible while torch.compile traces. `forget_probes` clears them (set_backend, preload, new builds).
+_STATUS: Dict[str, Tuple[bool, str]] = {}
+_BUILT: Dict[str, bool] = {}
+
+
+def forget_probes() -> None:
+    _STATUS.clear()
+    _BUILT.clear()
+
+
+def _status(backend: str) -> Tuple[bool, str]:
+    if backend not in _STATUS:
+        if torch.compiler.is_compiling():
+            return False, "not probed before torch.compile tracing (call fastat.preload() first)"
+        _STATUS[backend] = backend_status(backend)
+    return _STATUS[backend]
 
 
 def _built(backend: str) -> bool:
     """auto never starts a compiler: a compiled backend counts only once built (fastat._ext.is_built)."""
     if backend not in ("cpp", "cuda"):
         return True
-    from . import _ext
+    if backend not in _BUILT:
+        if torch.compiler.is_compiling():
+            return False
+        from . import _ext
 
-    return _ext.is_built(backend)
+        _BUILT[backend] = _ext.is_built(backend)
+    return _BUILT[backend]
+
+
+def _refusal(op: str, backend: str, device_type: str, args, kwargs) -> Optional[str]:
+    """Why `backend` cannot run this call of `op`, or None."""
+    if backend not in _REGISTRY.get(op, {}):
+        return f"backend {backend!r} has no kernel for {op}"
+    ok, why = _status(backend)
+    if not ok:
+        return why
+    why = device_refusal(backend, device_type)
+    if why is not None:
+        return why
+    if (op, backend) not in _LOADED and torch.compiler.is_compiling():
+        return "kernel not loaded before torch.compile tracing (call fastat.preload() first)"
+    check = getattr(_load(op, backend), "unsupported", None)
+    return check(*args, **kwargs) if check is not None else None
 
 
 def select(op: str, device: torch.device, *args, **kwargs) -> Callable:
@@ -101,13 +140,13 @@ def select(op: str, device: torch.device, *args, **kwargs) -> Callable:
     order = _AUTO_ORDER_PER_OP.get((op, device.type), _AUTO_ORDER.get(device.type, ()))
     reasons = []
     for backend in order:
-        if backend not in _REGISTRY.get(op, {}) or not backend_status(backend)[0] or not _built(backend):
+        if backend not in _REGISTRY.get(op, {}) or not _status(backend)[0] or not _built(backend):
             continue  # not built or not installed here: the reference is the expected path
         why = _refusal(op, backend, device.type, args, kwargs)
         if why is None:
             return _load(op, backend)
         reasons.append(f"{backend}: {why}")
-    if reasons:
+    if reasons and not torch.compiler.is_compiling():
         message = f"fastat.{op}: falling back to the torch reference ({'; '.join(reasons)})"
         if message not in _WARNED:
             _WARNED.add(message)

@@ -22,7 +22,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _restore_backend():
     import fastat._backend as backend
+    import fastat._dispatch as dispatch
 
     saved = backend._requested
+    dispatch.forget_probes()
     yield
     backend._requested = saved

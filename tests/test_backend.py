@@ -128,6 +128,7 @@ def test_auto_on_cpu_uses_reference_unless_cpp(monkeypatch):
         assert chosen in (_dispatch._load(op, "torch"), _dispatch._LOADED.get((op, "cpp"))), op
     # with no compiled kernels available, auto on CPU is exactly the reference (triton is never tried on CPU)
     monkeypatch.setattr(_dispatch, "backend_status", lambda name: (name in ("torch", "triton"), "test"))
+    _dispatch.forget_probes()  # availability is memoised per process; drop it so the patch is seen
     for op, args in calls.items():
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # an unavailable backend is the expected path: no warning
