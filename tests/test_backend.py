@@ -228,3 +228,22 @@ def test_import_touches_neither_triton_nor_cuda():
     env["FASTAT_BACKEND"] = "torch"  # no JIT build of a compiled extension inside this check
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_first_call_traces_under_torch_compile_fullgraph():
+    """A fresh process whose very first fastat call is inside torch.compile(fullgraph=True) (auto backend):
+    dispatch must not import or probe the disk while tracing."""
+    script = (
+        "import torch, fastat\n"
+        "def f(x0, n, d, p):\n"
+        "    xt = fastat.noisy_input(x0, n, 0.5, 0.8, d)\n"
+        "    return fastat.equivariant_mse(p * xt, n, d, 0.8)\n"
+        "x0, n, d = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)\n"
+        "p = torch.tensor(1.5, requires_grad=True)\n"
+        "got = torch.compile(f, fullgraph=True, backend='eager')(x0, n, d, p)\n"
+        "torch.testing.assert_close(got, f(x0, n, d, p))\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FASTAT_BACKEND"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
