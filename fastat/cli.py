@@ -40,6 +40,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     result = run_demo(methods=args.methods, settings=args.settings, steps=args.steps, seed=args.seed,
                       device=args.device, out=args.out, quick=args.quick, radius=args.radius, threads=args.threads,
+                      lr=args.lr, batch=args.batch,
                       command="fastat " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else None)
     return 0 if all(row.get("finite", False) for rows in result["results"].values() for row in rows.values()) else 1
 
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--settings", default=None, help="comma list of clean,noisy,outliers (default all)")
     demo.add_argument("--radius", type=float, default=0.1, help="evaluation perturbation radius r (L2, R = r sqrt(D))")
     demo.add_argument("--threads", type=int, default=None, help="CPU threads (default 1)")
+    demo.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-2, cosine decay)")
+    demo.add_argument("--batch", type=int, default=None, help="batch size (default 1024)")
     demo.add_argument("--out", default="fastat_demo_out", help="output folder (default ./fastat_demo_out)")
     demo.add_argument("--quick", action="store_true", help="tiny settings for a smoke run (seconds)")
     demo.set_defaults(run=_demo)

@@ -91,6 +91,8 @@ def run_demo(
     quick: bool = False,
     radius: float = 0.1,
     threads: Optional[int] = None,
+    lr: Optional[float] = None,
+    batch: Optional[int] = None,
     progress: bool = True,
     stream=None,
     command: Optional[str] = None,
@@ -100,7 +102,8 @@ def run_demo(
     methods: subset of METHODS ("standard" is always added: it is every comparison's baseline);
     settings: subset of ("clean", "noisy", "outliers"); steps: optimizer steps per model (default 500,
     --quick 40); radius: perturbation radius r for evaluation (L2, R = r sqrt(2)); threads: CPU threads
-    (default 1: a 2-layer MLP step is overhead-bound and extra threads only contend)."""
+    (default 1: a 2-layer MLP step is overhead-bound and extra threads only contend); lr, batch: Adam learning
+    rate and batch size (defaults in TrainConfig; --quick uses batch 64)."""
     stream = stream if stream is not None else sys.stdout
     methods = _parse(methods, METHODS, "methods")
     if "standard" not in methods:
@@ -110,10 +113,10 @@ def run_demo(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA device is visible; use --device cpu")
     if quick:
-        cfg = TrainConfig(steps=steps or 40, batch=64, hidden=32, depth=2, seed=seed)
+        cfg = TrainConfig(steps=steps or 40, batch=batch or 64, lr=lr or TrainConfig.lr, hidden=32, depth=2, seed=seed)
         sizes = dict(n_train=256, n_eval=200, n_samples=200, w2_points=100, attack_points=32, sample_steps=20, reps=2)
     else:
-        cfg = TrainConfig(steps=steps or 500, seed=seed)
+        cfg = TrainConfig(steps=steps or 500, seed=seed, lr=lr or TrainConfig.lr, batch=batch or TrainConfig.batch)
         sizes = dict(n_train=2048, n_eval=2000, n_samples=2000, w2_points=1000, attack_points=500, sample_steps=100, reps=20)
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
