@@ -48,6 +48,20 @@ def test_sources_are_found():
     assert (_ext.cpu_sources()[0].parent / "common.h").is_file()
 
 
+def test_jit_build_is_named_after_the_isa_level(monkeypatch):
+    level = _ext.isa_level()
+    assert _ext.cpu_library() == f"fastat_cpu_ops_{level}" and _ext.cpu_build_dir().name == _ext.cpu_library()
+    assert ("-mavx2" in _ext.cpu_cflags()) == (level == "avx2")
+    # A CPU without AVX2 sharing the cache gets its own portable build, never this one.
+    _ext.isa_level.cache_clear()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    try:
+        assert _ext.isa_level() == "base" and _ext.cpu_build_dir().name == "fastat_cpu_ops_base"
+        assert "-mavx2" not in _ext.cpu_cflags() and "-O3" in _ext.cpu_cflags()
+    finally:
+        _ext.isa_level.cache_clear()
+
+
 @needs_cpp
 def test_status_after_load_says_where_it_came_from():
     namespace = _ext.load("cpp")
