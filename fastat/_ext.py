@@ -12,13 +12,13 @@ Two kinds:
 Policy (see fastat._dispatch.select): an explicit `set_backend("cpp")` builds on demand; "auto" uses a
 compiled backend only once it is built (`is_built`), so no user call ever waits for a compiler.
 
-Which ops "auto" runs on cpp (measured with benchmarks/cpu_chain.py on the shared 2-core box, 1 thread,
-load average ~9, medians of 200-300 interleaved reps, eager torch / cpp): at 128x3x32x32 fp32 every op is
-faster on cpp (noisy_input 0.37/0.22 ms, equivariant_mse fwd+bwd 3.1/1.3, equivariance_regularizer fwd+bwd
-0.87/0.59, pseudo-Huber fwd+bwd 1.4/0.73, pgd_step L2 8.8/0.45, Linf 9.2/0.37; the inner-step chain
-19.8/6.5 ms), and at 8x3x8x8 the losses cost ~10-15 us more per call (0.21/0.22 ms fwd+bwd) while
-noisy_input ties and pgd_step stays 2-3x faster (0.094/0.028 ms). So auto keeps cpp for every op it has
-a kernel for (no per-op skip); the per-size crossover of the losses is about 2k elements per batch.
+Which ops "auto" runs on cpp (benchmarks/cpu_chain.py on the shared 2-core box, 1 thread, load average
+~3, medians of 200-300 interleaved reps, eager torch / cpp, AVX2 build): at 128x3x32x32 fp32 every op is
+faster on cpp (noisy_input 0.27/0.16 ms, equivariant_mse fwd+bwd 1.46/0.66, equivariance_regularizer
+fwd+bwd 0.59/0.35, pseudo-Huber fwd+bwd 0.42/0.29, pgd_step L2 1.67/0.14, Linf 1.51/0.16; the inner-step
+chain 6.56/1.58 ms = 4.2x); at 8x3x8x8 the losses cost 3-9 us more per call (equivariant_mse fwd+bwd
+0.196/0.203 ms), noisy_input ties and pgd_step stays 2-3x faster, the chain 1.2x. So auto keeps cpp for
+every op it has a kernel for (no per-op skip).
 
 Compiler flags. The cache may be shared between machines (a home directory on NFS, a container image),
 so no -march=native: -O3, plus -mavx2 -mfma -mf16c where this CPU has them, built into a cache folder
