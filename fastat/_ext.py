@@ -275,8 +275,7 @@ def load(kind: str):
             try:
                 _load_cpp() if kind == "cpp" else _load_cuda()
             except BackendUnavailableError as exc:
-                if kind == "cpp":
-                    _failed[kind] = str(exc)
+                _failed[kind] = str(exc)  # not retried: status() answers from here, cheaply, on every call
                 _cpu_status_cache = None
                 raise
             _cpu_status_cache = None
