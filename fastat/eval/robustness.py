@@ -102,7 +102,8 @@ def denoiser_error(
         x = x_t + delta
         pred = call_model(model, x, timesteps, model_kwargs).float()
         if reference is not None:
-            target = reference(x.detach(), timesteps).float()
+            # Not detached: the attack ascends the true error, whose target moves with x too.
+            target = reference(x, timesteps).float()
         else:
             target = noise.float() + delta.float() / column(sigma, delta)
         return mean_flat((pred - target) ** 2)
