@@ -163,3 +163,20 @@ def test_random_on_sphere_and_sampler_attack():
     assert pgd["error"].mean() > rand["error"].mean() > 0
     with pytest.raises(ValueError, match="attack_at"):
         sampler_attack(exact, x_T, TABLE, 6, attack_at=(6,))
+
+
+def test_pgd_ascends_through_the_reference():
+    """A model that predicts 0 has error ||eps*(x)||^2: only the reference's dependence on x can guide PGD."""
+    mix = ring_mixture()
+    exact = ExactDenoiser(mix, TABLE)
+    x0 = mix.sample(256, _gen())
+    t = torch.randint(0, 300, (256,), generator=_gen(1))
+    noise = torch.randn(256, 2, generator=_gen(2))
+
+    def zero(x, tt):
+        return torch.zeros_like(x)
+
+    kw = dict(reference=exact, radius=0.1, generator=_gen(3))
+    rand = denoiser_error(zero, x0, TABLE, t, noise, perturbation="random", **kw).mean()
+    pgd = denoiser_error(zero, x0, TABLE, t, noise, perturbation="pgd", **kw).mean()
+    assert pgd > 1.1 * rand
