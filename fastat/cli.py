@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="adversarial training on an embedded 2-D mixture: table, JSON and PNG (no download)")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default 500; --quick 40)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default 450; --quick 40)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--methods", default=None,
                       help="comma list of standard,ddpm_ip,p1_pgd,p1_free,p2_random,p2_adversarial (default all)")

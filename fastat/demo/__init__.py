@@ -100,7 +100,7 @@ def run_demo(
     """Run the demo (see the module docstring) and return its results dict (also written to out/demo.json).
 
     methods: subset of METHODS ("standard" is always added: it is every comparison's baseline);
-    settings: subset of ("clean", "noisy", "outliers"); steps: optimizer steps per model (default 500,
+    settings: subset of ("clean", "noisy", "outliers"); steps: optimizer steps per model (default 450,
     --quick 40); radius: perturbation radius r for evaluation (L2, R = r sqrt(2)); threads: CPU threads
     (default 1: a 2-layer MLP step is overhead-bound and extra threads only contend); lr, batch: Adam learning
     rate and batch size (defaults in TrainConfig; --quick uses batch 64)."""
@@ -117,10 +117,10 @@ def run_demo(
         sizes = dict(n_train=256, n_eval=200, n_samples=200, w2_points=100, mmd_points=200, attack_points=32,
                      sample_steps=20, reps=2)
     else:
-        cfg = TrainConfig(steps=steps or 500, seed=seed, lr=lr or TrainConfig.lr, batch=batch or TrainConfig.batch)
+        cfg = TrainConfig(steps=steps or 450, seed=seed, lr=lr or TrainConfig.lr, batch=batch or TrainConfig.batch)
         # Evaluation sized for the 2-minute budget: exact W2 (O(n^3)) on 600 points, MMD (O(n^2)) on 1000.
         sizes = dict(n_train=2048, n_eval=2000, n_samples=2000, w2_points=600, mmd_points=1000, attack_points=500,
-                     sample_steps=100, reps=10)
+                     sample_steps=50, reps=10)
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
     old_threads = torch.get_num_threads()

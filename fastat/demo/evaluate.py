@@ -90,7 +90,7 @@ def sample_metrics(samples: torch.Tensor, reference: torch.Tensor, seed: int, w2
 def evaluate_model(model, es: EvalSet, *, radius: float, pgd_steps: int = 5, few_steps: Sequence[int] = (5, 10, 20),
                    sample_steps: int = 100, w2_points: int = 1000, mmd_points: int = 2000, attack_points: int = 500,
                    train: Optional[torch.Tensor] = None) -> Dict:
-    """All metrics of the module docstring for one model; the 100-step samples are returned under "_samples"."""
+    """All metrics of the module docstring for one model; the `sample_steps` samples are returned under "_samples"."""
     model.eval()
     ab = es.alphas_cumprod
     num_t = ab.numel()

@@ -25,7 +25,7 @@ COLUMNS = [
 
 LEGEND = (
     "err_*: mean ||eps_theta - eps*||^2/D vs the exact denoiser at x_t (clean), x_t + random delta, x_t + PGD-5 delta "
-    "(||delta|| = R); SW2/MMD/W2: 100-step DDIM samples vs clean data; SW2@N: N-step DDIM; traj@10: RMS distance "
+    "(||delta|| = R); SW2/MMD/W2: 50-step DDIM samples (--quick: 20) vs clean data; SW2@N: N-step DDIM; traj@10: RMS distance "
     "to the exact denoiser's 10-step DDIM sample from the same noise; attack: final-sample RMS deviation after a "
     "PGD attack on x_t at step 5 of 10; time_x: time per optimizer step / standard's (interleaved timing). "
     "Lower is better everywhere."

@@ -38,7 +38,7 @@ METHODS: Dict[str, Dict] = {
 
 @dataclass
 class TrainConfig:
-    steps: int = 500           # optimizer steps per model
+    steps: int = 450           # optimizer steps per model
     batch: int = 1024          # the step is overhead-bound on CPU: a big batch costs ~nothing extra
     lr: float = 2e-2           # Adam, cosine decay to 10% over `steps`
     hidden: int = 128
