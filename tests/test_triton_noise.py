@@ -5,7 +5,7 @@ import torch
 import fastat
 from fastat import SeededNoise
 from fastat.ops.noise import reference as ref
-from tests.utils import layout
+from utils import layout
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402

@@ -5,7 +5,7 @@ import torch
 import fastat
 import fastat._triton_utils as tu
 from fastat import BackendUnavailableError
-from tests.utils import LAYOUTS, SHAPES, layout, tol
+from utils import LAYOUTS, SHAPES, layout, tol
 
 pytest.importorskip("triton")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
