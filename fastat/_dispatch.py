@@ -16,7 +16,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ._shapes import per_sample_numel
 from ._backend import BackendUnavailableError, backend_status, device_refusal, get_backend
+
+AUTO_CPP_MIN_SAMPLE_NUMEL = 32
 
 _REGISTRY: Dict[str, Dict[str, str]] = {}
 _LOADED: Dict[Tuple[str, str], Callable] = {}
@@ -26,6 +29,26 @@ _WARNED: set = set()
 # per op from measurements (see `set_auto_order`).
 _AUTO_ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
 _AUTO_ORDER_PER_OP: Dict[Tuple[str, str], Tuple[str, ...]] = {}
+
+# "auto" skips a kernel (silently: the reference is simply faster there) when the first tensor argument
+# has fewer elements per sample than this, keyed by (backend, device type). Measured with
+# benchmarks/cpu_chain.py (2-core EPYC, 1 thread, eager / cpp): at D = 2 (65536x2) the cpp kernels lose
+# (noisy_input 0.74x, equivariant_mse fwd+bwd 0.73x, chain 0.92x: per-sample work items cost more than the
+# elements they touch); at D = 8 the loss still loses (0.87x); from D = 32 every op wins (noisy_input 1.23x,
+# loss 1.17x, chain 2.25x), and at 128x3x32x32 the chain is 4.4x (fastat bench).
+_AUTO_MIN_SAMPLE_NUMEL: Dict[Tuple[str, str], int] = {("cpp", "cpu"): AUTO_CPP_MIN_SAMPLE_NUMEL}
+
+
+def set_auto_min_sample_numel(backend: str, device_type: str, numel: int) -> None:
+    """Let "auto" use `backend` on `device_type` only for samples of at least `numel` elements."""
+    _AUTO_MIN_SAMPLE_NUMEL[(backend, device_type)] = int(numel)
+
+
+def _big_enough(backend: str, device_type: str, args) -> bool:
+    threshold = _AUTO_MIN_SAMPLE_NUMEL.get((backend, device_type), 0)
+    if threshold <= 0 or not args or not isinstance(args[0], torch.Tensor) or args[0].ndim == 0:
+        return True
+    return per_sample_numel(args[0]) >= threshold
 
 
 def register_kernel(op: str, backend: str, target: str) -> None:
@@ -142,6 +165,8 @@ def select(op: str, device: torch.device, *args, **kwargs) -> Callable:
     for backend in order:
         if backend not in _REGISTRY.get(op, {}) or not _status(backend)[0] or not _built(backend):
             continue  # not built or not installed here: the reference is the expected path
+        if not _big_enough(backend, device.type, args):
+            continue
         why = _refusal(op, backend, device.type, args, kwargs)
         if why is None:
             return _load(op, backend)

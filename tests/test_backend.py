@@ -247,3 +247,34 @@ def test_first_call_traces_under_torch_compile_fullgraph():
     env = {k: v for k, v in os.environ.items() if k != "FASTAT_BACKEND"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_auto_skips_a_kernel_below_its_measured_sample_size(monkeypatch):
+    """auto uses a backend only for samples of at least its measured break-even size; explicit choice ignores it."""
+    op = "_fastat_test_sized"
+    module = types.ModuleType("_fastat_test_sized_kernels")
+    module.reference = lambda x: "torch"
+    module.fast = lambda x: "cpp"
+    monkeypatch.setitem(sys.modules, "_fastat_test_sized_kernels", module)
+    monkeypatch.setattr(_dispatch, "backend_status", lambda name: (True, "test"))
+    monkeypatch.setattr(_dispatch, "device_refusal", lambda backend, device_type: None)
+    monkeypatch.setattr(_dispatch, "_built", lambda backend: True)
+    monkeypatch.setitem(_dispatch._AUTO_MIN_SAMPLE_NUMEL, ("cpp", "cpu"), 32)
+    _dispatch.register_kernel(op, "torch", "_fastat_test_sized_kernels:reference")
+    _dispatch.register_kernel(op, "cpp", "_fastat_test_sized_kernels:fast")
+    try:
+        cpu = torch.device("cpu")
+        fastat.set_backend("auto")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # below break-even is not a refusal: no warning
+            assert _dispatch.call(op, cpu, torch.zeros(4096, 2)) == "torch"
+            assert _dispatch.call(op, cpu, torch.zeros(4096, 31)) == "torch"
+        assert _dispatch.call(op, cpu, torch.zeros(2, 32)) == "cpp"
+        assert _dispatch.call(op, cpu, torch.zeros(0, 3, 32, 32)) == "cpp"
+        monkeypatch.setattr(_backend, "_requested", "cpp")
+        assert _dispatch.call(op, cpu, torch.zeros(4096, 2)) == "cpp"
+    finally:
+        _dispatch._REGISTRY.pop(op, None)
+        for key in [k for k in _dispatch._LOADED if k[0] == op]:
+            del _dispatch._LOADED[key]
+    assert _dispatch.AUTO_CPP_MIN_SAMPLE_NUMEL == 32

@@ -196,7 +196,7 @@ def test_cached_build_loads_without_compiler_or_ninja():
         ok, why = e.status("cpp")
         assert ok and why.startswith("built (cached at"), why
         assert e.is_built("cpp")
-        x = torch.randn(3, 5)
+        x = torch.randn(3, 64)  # above the auto break-even sample size (_dispatch.AUTO_CPP_MIN_SAMPLE_NUMEL)
         kernel = _dispatch.select("equivariant_mse", x.device, x, x, x, 0.5, "delta")
         assert kernel is _dispatch._load("equivariant_mse", "cpp")  # auto picks the built kernel
         print("OK", e.status("cpp")[1])
