@@ -7,6 +7,7 @@ checks always run.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -43,9 +44,13 @@ def check_like(name: str, x, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def values_checkable() -> bool:
-    """False while tracing or capturing, where reading tensor values would sync or break the graph."""
+def values_checkable(tensor: Optional[torch.Tensor] = None) -> bool:
+    """Whether reading tensor values is allowed: never while tracing or capturing (it would break the
+    graph), and for tensors off the CPU only with FASTAT_CHECK_VALUES=1 (each read is a device sync,
+    too costly on every op call of a training step)."""
     if torch.compiler.is_compiling():
+        return False
+    if tensor is not None and tensor.device.type != "cpu" and os.environ.get("FASTAT_CHECK_VALUES", "0") != "1":
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
@@ -82,7 +87,7 @@ def per_sample(
                 f"{name} must be a float or have one value per sample (shape [{batch}]), got shape {tuple(value.shape)}"
             )
         value = value.reshape(batch)
-        if values_checkable() and value.numel():
+        if values_checkable(value) and value.numel():
             detached = value.detach()
             if finite and not bool(torch.isfinite(detached).all()):
                 raise ValueError(f"{name} must be finite, got non-finite values")

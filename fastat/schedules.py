@@ -57,7 +57,7 @@ def alpha_sigma(table: Table, timesteps: torch.Tensor) -> Tuple[torch.Tensor, to
     abar = alphas_cumprod_of(table)
     if not isinstance(timesteps, torch.Tensor) or timesteps.dtype.is_floating_point or timesteps.dtype == torch.bool:
         raise TypeError(f"timesteps must be an integer tensor, got {getattr(timesteps, 'dtype', type(timesteps))}")
-    if values_checkable() and timesteps.numel():
+    if values_checkable(timesteps) and timesteps.numel():
         lo, hi = int(timesteps.min()), int(timesteps.max())
         if lo < 0 or hi >= abar.numel():
             raise ValueError(f"timesteps must lie in [0, {abar.numel() - 1}], got values in [{lo}, {hi}]")

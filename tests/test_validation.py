@@ -99,7 +99,7 @@ def test_per_sample_value_checks(form):
 def test_value_checks_skipped_while_tracing(monkeypatch):
     # Under torch.compile / CUDA-graph capture the checks that read tensor values are skipped (no sync);
     # shape and device checks still run. Python floats are always checked (no device read).
-    monkeypatch.setattr(_checks, "values_checkable", lambda: False)
+    monkeypatch.setattr(_checks, "values_checkable", lambda tensor=None: False)
     bad = torch.tensor([float("nan"), -1.0])
     assert _checks.per_sample("r", bad, 2, torch.device("cpu"), nonnegative=True) is not None
     with pytest.raises(ValueError, match="one value per sample"):
@@ -110,6 +110,16 @@ def test_value_checks_skipped_while_tracing(monkeypatch):
 
 def test_values_checkable_eagerly():
     assert _checks.values_checkable() is True
+    assert _checks.values_checkable(torch.zeros(2)) is True
+
+
+def test_device_tensor_values_read_only_on_request(monkeypatch):
+    # Reading a GPU tensor's values is a device sync on every op call: off unless FASTAT_CHECK_VALUES=1.
+    off_cpu = torch.empty(2, device="meta")
+    monkeypatch.delenv("FASTAT_CHECK_VALUES", raising=False)
+    assert _checks.values_checkable(off_cpu) is False
+    monkeypatch.setenv("FASTAT_CHECK_VALUES", "1")
+    assert _checks.values_checkable(off_cpu) is True
 
 
 def test_check_batch():
