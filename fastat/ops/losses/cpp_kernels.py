@@ -18,10 +18,10 @@ import torch
 
 from ... import _dispatch, _ext
 from ..._shapes import Coef
+from .residual import METRIC_CODES, equivariant_mse_terms, regularizer_terms, sigma_grad_refusal
 
 _ops = _ext.load("cpp")
 
-_METRICS = {"l2": 0, "l1": 1, "pseudo_huber": 2}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -113,18 +113,12 @@ def _residual(a, b, c, k: Coef, metric: str = "l2", huber_c: float = 0.0) -> tor
     c = c.to(dtype) if c is not None else None
     k_t, k_f = _ext.coef_args(k)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, c) if t is not None):
-        return _ResidualLoss.apply(a, b, c, k_t, k_f, _METRICS[metric], float(huber_c))
+        return _ResidualLoss.apply(a, b, c, k_t, k_f, METRIC_CODES[metric], float(huber_c))
     with _ext.below_autograd():
-        return _ops.residual_loss(a, b, c, k_t, k_f, _METRICS[metric], float(huber_c), False)[0]
+        return _ops.residual_loss(a, b, c, k_t, k_f, METRIC_CODES[metric], float(huber_c), False)[0]
 
 
-def _sigma_needs_grad(pred, noise, delta, sigma, target) -> Optional[str]:
-    if target != "original" and isinstance(sigma, torch.Tensor) and sigma.requires_grad and torch.is_grad_enabled():
-        return "sigma requires grad; the cpp kernel differentiates pred, noise and delta only"
-    return None
-
-
-@_dispatch.refuses_when(_sigma_needs_grad)
+@_dispatch.refuses_when(lambda pred, noise, delta, sigma, target: sigma_grad_refusal(sigma, target))
 def equivariant_mse(
     pred: torch.Tensor, noise, delta: Optional[torch.Tensor], sigma: Coef, target: str
 ) -> torch.Tensor:
@@ -132,10 +126,11 @@ def equivariant_mse(
         from ..noise import materialize
 
         noise = materialize(noise, pred)
-    if target == "original" or delta is None:
-        return _residual(pred, noise, None, 0.0)
-    inverse_sigma = 1.0 / sigma if not isinstance(sigma, torch.Tensor) else 1.0 / sigma.detach().double()
-    return _residual(pred, noise, delta.detach() if target == "delta_detach" else delta, inverse_sigma)
+    a, b, c, k = equivariant_mse_terms(pred, noise, delta, sigma, target)
+    if c is None:
+        return _residual(a, b, None, 0.0)
+    # the C++ kernel multiplies: r = a - b - c * (1/k)
+    return _residual(a, b, c, 1.0 / k if not isinstance(k, torch.Tensor) else 1.0 / k.detach().double())
 
 
 def equivariance_regularizer(
@@ -145,8 +140,7 @@ def equivariance_regularizer(
     detach_anchor: bool,
     mode: str,
 ) -> torch.Tensor:
-    anchor = pred_clean.detach() if detach_anchor else pred_clean
-    return _residual(pred_perturbed, anchor, omega if mode == "equivariant" else None, 1.0)
+    return _residual(*regularizer_terms(pred_perturbed, pred_clean, omega, detach_anchor, mode))
 
 
 def consistency_distance(pred: torch.Tensor, target: torch.Tensor, metric: str, c: float) -> torch.Tensor:

@@ -13,16 +13,15 @@ f(r) = 2r/D | sign(r)/D | r/(loss_b + c_h). Stop-gradients (delta_detach, detach
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
 from ... import _dispatch
 from ..noise import SeededNoise
+from .residual import METRIC_CODES, equivariant_mse_terms, regularizer_terms, sigma_grad_refusal
 from ..noisy_input.cuda_kernels import _like_layout, coef_args, ops
 
 _OPS = ops()
-METRICS = {"l2": 0, "l1": 1, "pseudo_huber": 2}
 
 
 @torch.library.register_fake("fastat_cuda::residual_loss")
@@ -78,29 +77,17 @@ def _residual_loss(a, b, c, k, metric: int, huber_c: float = 0.0):
     return ResidualLossFunction.apply(a, b, c, k, metric, huber_c, -1, 0)
 
 
-def _refuse_mse(pred, noise, delta, sigma, target) -> Optional[str]:
-    if target != "original" and isinstance(sigma, torch.Tensor) and sigma.requires_grad and torch.is_grad_enabled():
-        return "gradients to a per-sample sigma are not implemented in the CUDA kernel"
-    return None
-
-
-@_dispatch.refuses_when(_refuse_mse)
+@_dispatch.refuses_when(lambda pred, noise, delta, sigma, target: sigma_grad_refusal(sigma, target))
 def equivariant_mse(pred, noise, delta, sigma, target):
-    """CUDA kernels behind fastat.equivariant_mse: r = pred - noise - delta/sigma (delta detached for
-    "delta_detach", absent for "original")."""
-    c = None
-    if target != "original" and delta is not None:
-        c = delta.detach() if target == "delta_detach" else delta
-    return _residual_loss(pred, noise, c, sigma if c is not None else 1.0, METRICS["l2"])
+    """CUDA kernels behind fastat.equivariant_mse (see residual.equivariant_mse_terms)."""
+    return _residual_loss(*equivariant_mse_terms(pred, noise, delta, sigma, target), METRIC_CODES["l2"])
 
 
 def equivariance_regularizer(pred_perturbed, pred_clean, omega, detach_anchor, mode):
-    """CUDA kernels behind fastat.equivariance_regularizer: r = pred_perturbed - anchor - omega."""
-    anchor = pred_clean.detach() if detach_anchor else pred_clean
-    c = omega if mode == "equivariant" and omega is not None else None
-    return _residual_loss(pred_perturbed, anchor, c, 1.0, METRICS["l2"])
+    """CUDA kernels behind fastat.equivariance_regularizer (see residual.regularizer_terms)."""
+    return _residual_loss(*regularizer_terms(pred_perturbed, pred_clean, omega, detach_anchor, mode), METRIC_CODES["l2"])
 
 
 def consistency_distance(pred, target, metric, c):
     """CUDA kernels behind fastat.consistency_distance: r = pred - target."""
-    return _residual_loss(pred, target, None, 1.0, METRICS[metric], float(c))
+    return _residual_loss(pred, target, None, 1.0, METRIC_CODES[metric], float(c))

@@ -29,10 +29,10 @@ import triton.language as tl
 from ... import _dispatch
 from ... import _triton_utils as tu
 from ..noise import SeededNoise
+from .residual import METRIC_CODES, equivariant_mse_terms, regularizer_terms, sigma_grad_refusal
 from ..noisy_input.triton_kernels import coef_pair
 
-METRICS = {"l2": 0, "l1": 1, "pseudo_huber": 2}
-MEAN_SQUARE = 0
+MEAN_SQUARE = METRIC_CODES["l2"]
 
 
 @triton.jit
@@ -231,31 +231,19 @@ def _refuse(*tensors_and_coefs) -> Optional[str]:
     return None
 
 
-def _refuse_mse(pred, noise, delta, sigma, target) -> Optional[str]:
-    if target != "original" and isinstance(sigma, torch.Tensor) and sigma.requires_grad and torch.is_grad_enabled():
-        return "gradients to a per-sample sigma are not implemented in the kernel"
-    return _refuse(pred, noise, delta)
-
-
-@_dispatch.refuses_when(_refuse_mse)
+@_dispatch.refuses_when(lambda pred, noise, delta, sigma, target: sigma_grad_refusal(sigma, target) or _refuse(pred, noise, delta))
 def equivariant_mse(pred, noise, delta, sigma, target):
-    """Triton kernels behind fastat.equivariant_mse: r = pred - noise - delta/sigma (delta detached for
-    "delta_detach", absent for "original")."""
-    c = None
-    if target != "original" and delta is not None:
-        c = delta.detach() if target == "delta_detach" else delta
-    return _residual_loss(pred, noise, c, sigma, MEAN_SQUARE)
+    """Triton kernels behind fastat.equivariant_mse (see residual.equivariant_mse_terms)."""
+    return _residual_loss(*equivariant_mse_terms(pred, noise, delta, sigma, target), MEAN_SQUARE)
 
 
 @_dispatch.refuses_when(lambda pp, pc, omega, detach_anchor, mode: _refuse(pp, pc, omega))
 def equivariance_regularizer(pred_perturbed, pred_clean, omega, detach_anchor, mode):
-    """Triton kernels behind fastat.equivariance_regularizer: r = pred_perturbed - anchor - omega."""
-    anchor = pred_clean.detach() if detach_anchor else pred_clean
-    c = omega if mode == "equivariant" and omega is not None else None
-    return _residual_loss(pred_perturbed, anchor, c, 1.0, MEAN_SQUARE)
+    """Triton kernels behind fastat.equivariance_regularizer (see residual.regularizer_terms)."""
+    return _residual_loss(*regularizer_terms(pred_perturbed, pred_clean, omega, detach_anchor, mode), MEAN_SQUARE)
 
 
 @_dispatch.refuses_when(lambda pred, target, metric, c: _refuse(pred, target))
 def consistency_distance(pred, target, metric, c):
     """Triton kernels behind fastat.consistency_distance: r = pred - target."""
-    return _residual_loss(pred, target, None, 1.0, METRICS[metric], c)
+    return _residual_loss(pred, target, None, 1.0, METRIC_CODES[metric], c)

@@ -29,7 +29,6 @@ import triton.language as tl
 from ... import _dispatch
 from ... import _triton_utils as tu
 from ..noisy_input.triton_kernels import coef_pair
-from .reference import NORM_FLOOR
 
 N_STATS = 4  # ||g||^2, <delta,g>, ||delta||^2, #non-finite g
 
