@@ -5,13 +5,7 @@
 
 #include <cstdint>
 
-#ifndef FASTAT_HD
-#if defined(__CUDACC__)
-#define FASTAT_HD __host__ __device__ __forceinline__
-#else
-#define FASTAT_HD inline
-#endif
-#endif
+#include "host_device.cuh"
 
 namespace fastat {
 

@@ -13,13 +13,7 @@
 #include <cstdint>
 #include <cmath>
 
-#ifndef FASTAT_HD
-#if defined(__CUDACC__)
-#define FASTAT_HD __host__ __device__ __forceinline__
-#else
-#define FASTAT_HD inline
-#endif
-#endif
+#include "host_device.cuh"
 
 namespace fastat {
 
