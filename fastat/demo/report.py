@@ -8,20 +8,27 @@ from typing import Dict, List, Optional
 
 import torch
 
-COLUMNS = [
-    ("err_clean", lambda r: r["denoiser_error"]["clean"]),
-    ("err_rand", lambda r: r["denoiser_error"]["random"]),
-    ("err_pgd", lambda r: r["denoiser_error"]["pgd"]),
-    ("SW2", lambda r: r["samples"]["swd"]),
-    ("MMD", lambda r: r["samples"]["mmd"]),
-    ("W2", lambda r: r["samples"]["w2"]),
-    ("SW2@5", lambda r: r["few_step"]["5"]["swd"]),
-    ("SW2@10", lambda r: r["few_step"]["10"]["swd"]),
-    ("SW2@20", lambda r: r["few_step"]["20"]["swd"]),
-    ("traj@10", lambda r: r["few_step"]["10"]["traj_err"]),
-    ("attack", lambda r: r["sampler_attack"]),
-    ("time_x", lambda r: r.get("time", {}).get("relative_to_standard", float("nan"))),
-]
+METRICS = {
+    "err_clean": lambda r: r["denoiser_error"]["clean"],
+    "err_rand": lambda r: r["denoiser_error"]["random"],
+    "err_pgd": lambda r: r["denoiser_error"]["pgd"],
+    "SW2": lambda r: r["samples"]["swd"],
+    "MMD": lambda r: r["samples"]["mmd"],
+    "W2": lambda r: r["samples"]["w2"],
+    **{f"SW2@{n}": (lambda r, n=n: r["few_step"][str(n)]["swd"]) for n in (5, 10, 20)},
+    **{f"traj@{n}": (lambda r, n=n: r["few_step"][str(n)]["traj_err"]) for n in (5, 10, 20)},
+    "attack": lambda r: r["sampler_attack"],
+    "time_x": lambda r: r.get("time", {}).get("relative_to_standard", float("nan")),
+}
+
+
+def _columns(*names: str):
+    return [(name, METRICS[name]) for name in names]
+
+
+COLUMNS = _columns(
+    "err_clean", "err_rand", "err_pgd", "SW2", "MMD", "W2", "SW2@5", "SW2@10", "SW2@20", "traj@10", "attack", "time_x"
+)
 
 LEGEND = (
     "err_*: mean ||eps_theta - eps*||^2/D vs the exact denoiser at x_t (clean), x_t + random delta, x_t + PGD-5 delta "
@@ -141,19 +148,9 @@ def make_figure(results: Dict, samples: Dict, train_sets: Dict, reference: torch
     return path
 
 
-SUMMARY_METRICS = [
-    ("err_clean", lambda r: r["denoiser_error"]["clean"]),
-    ("err_pgd", lambda r: r["denoiser_error"]["pgd"]),
-    ("SW2", lambda r: r["samples"]["swd"]),
-    ("MMD", lambda r: r["samples"]["mmd"]),
-    ("W2", lambda r: r["samples"]["w2"]),
-    ("SW2@5", lambda r: r["few_step"]["5"]["swd"]),
-    ("SW2@10", lambda r: r["few_step"]["10"]["swd"]),
-    ("traj@5", lambda r: r["few_step"]["5"]["traj_err"]),
-    ("traj@10", lambda r: r["few_step"]["10"]["traj_err"]),
-    ("traj@20", lambda r: r["few_step"]["20"]["traj_err"]),
-    ("time_x", lambda r: r["time"]["relative_to_standard"]),
-]
+SUMMARY_METRICS = _columns(
+    "err_clean", "err_pgd", "SW2", "MMD", "W2", "SW2@5", "SW2@10", "traj@5", "traj@10", "traj@20", "time_x"
+)
 
 
 def summarize_runs(paths: List[str]) -> str:

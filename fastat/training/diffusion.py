@@ -1,20 +1,7 @@
 """`diffusion_adv_loss`: a drop-in replacement for the loss call of a DDPM-style training loop that
 adds P1 (DRO-equivalent AT), P2 (equivariant AT) or a classic AT method (SPEC §1-3).
 
-Passes per optimizer step (F = one forward of B samples, Bi = input-only backward, Bw = backward
-forming weight gradients; the standard step is 1 F + 1 Bw):
-
-    method                                   forwards       Bi           Bw
-    standard                                 1              0            1
-    input_perturbation (DDPM-IP)             1              0            1
-    pgd, K steps                             K + 1          K            1
-    fgsm_rs                                  2              1            1
-    equivariant_random                       2              0            1 (both branches)
-    equivariant_random, batch_branches       1 of 2B        0            1 of 2B
-    equivariant_adversarial                  3              1            1 (both branches)
-    equivariant_adversarial, batch_branches  2 of 2B        1 of 2B      1 of 2B
-    FreeReplay P1, per optimizer step        1              0            1 (delta grad comes free)
-    FreeReplay P2, per optimizer step        2 (or 1 of 2B) 0            1
+Passes per optimizer step for each method: the cost table in ``fastat.training`` (package docstring).
 
 Attack passes take ``torch.autograd.grad(loss, delta)`` only: no weight gradient is formed, nothing is
 accumulated in ``.grad`` (so no ``zero_grad`` race), and under DDP they run on ``model.module`` (the
