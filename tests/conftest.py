@@ -10,8 +10,20 @@ if not torch.cuda.is_available():
 os.environ.pop("FASTAT_BACKEND", None)
 
 
+def _runs_on_the_gpu(item) -> bool:
+    """Tests of a module whose DEV is "cuda", or parametrised with device "cuda" (cross-backend)."""
+    if getattr(getattr(item, "module", None), "DEV", None) == "cuda":
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("device") == "cuda"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
+        # On a GPU machine `-m gpu` selects everything that touches the device, not only the explicit marks.
+        for item in items:
+            if "gpu" not in item.keywords and _runs_on_the_gpu(item):
+                item.add_marker(pytest.mark.gpu)
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

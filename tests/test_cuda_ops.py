@@ -501,11 +501,17 @@ def test_gpu_deterministic_and_graph_capturable(cuda_backend):
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_gpu_more_than_2_31_elements(cuda_backend):
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_more_than_2_31_elements(backend):
     n = 2**31 + 2**20 + 3  # int64 indexing: not a multiple of the pack, several samples straddle 2^31
     free, _ = torch.cuda.mem_get_info()
     if free < 6 * n * 2 + (1 << 30):
         pytest.skip("needs ~30 GB of free GPU memory")
+    if backend == "cuda" and not _cuda_built():
+        pytest.skip("fastat._C_cuda is not built")
+    if backend == "triton":
+        pytest.importorskip("triton")
+    fastat.set_backend(backend)
     batch = 3
     d = n // batch
     delta = torch.zeros(batch, d, device="cuda", dtype=torch.float16)
