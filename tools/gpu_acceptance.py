@@ -44,7 +44,9 @@ from typing import Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-OUT_FILES = ("summary.md", "summary.json", "tests.md", "bench.json", "bench.md", "bench.png", "log.txt")
+OUT_FILES = ("summary.md", "summary.json", "tests.md", "bench.json", "bench.md", "bench.png", "log.txt",
+             "triton_kernels.tar.gz")
+TRITON_ARCHIVE_LIMIT = 15 * 2**20  # the compiled Triton kernels (PTX + metadata) for the CPU-side kernel audit
 LOG_TAIL_CHARS = 60_000  # per step, in log.txt
 DEFAULT_DEADLINE = 540
 # --rehearse: the workers run on the CPU with tiny shapes, to try the whole pipeline without a GPU.
@@ -384,7 +386,25 @@ def write_outputs(run: Run, env: dict, finished: bool) -> None:
     (run.out / "log.txt").write_text("".join(run.log))
     if rows and not (run.out / "bench.png").exists() and finished:
         _plot(bench_meta, rows, run.out / "bench.png")
+    if finished and not run.dry:
+        _archive_triton_cache(run.out / "triton_kernels.tar.gz")
 
+
+def _archive_triton_cache(path: Path) -> None:
+    """fastat's compiled Triton kernels (PTX, metadata with registers/spills) as the GPU built them."""
+    import tarfile
+
+    cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    files = sorted(f for f in cache.rglob("*") if f.suffix in (".json", ".ptx") and f.is_file()) if cache.exists() else []
+    total = 0
+    with tarfile.open(path, "w:gz") as tar:
+        for f in files:
+            total += f.stat().st_size
+            if total > 4 * TRITON_ARCHIVE_LIMIT:  # PTX compresses ~5x; stop well before the file limit
+                break
+            tar.add(f, arcname=str(f.relative_to(cache)))
+    if path.stat().st_size > TRITON_ARCHIVE_LIMIT:
+        path.unlink()
 
 def _plot(meta: dict, rows: List[dict], path: Path) -> None:
     try:
