@@ -19,7 +19,10 @@ e = bytes per element, per-sample coefficients ignored):
     chain                   noisy_input + equivariant_mse fwd+bwd (grads wrt pred and delta) + L2 pgd_step:
                             read x0, noise, delta, pred; write x_adv, dpred, delta'             7 N e
 Achieved GB/s = bytes / median time; "% of copy" divides by the bandwidth of a device copy measured in
-the same run (dst.copy_(src): 2 x buffer bytes per call), the roofline of every plot.
+the same run (dst.copy_(src): 2 x buffer bytes per call), the roofline of every plot. The median time is the
+event time of one call, host launch gaps included (what a training loop waits for). On CUDA the rows also carry
+the CUDA profiler's view of one call: `kernels` launched and `device_us` of kernel time, and
+`device_pct_of_copy` = bytes / device_us against the copy: the kernels' own distance from the roofline.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import torch
 
 from .. import _dispatch
 from .._backend import BackendUnavailableError, backend_status, device_refusal, use_backend
-from .timing import interleaved, measure
+from .timing import device_profile, interleaved, measure
 
 # ANCHORS.md §1 shapes.
 ANCHOR_SHAPES: Dict[str, Tuple[int, ...]] = {
@@ -257,6 +260,13 @@ def run_op_benchmarks(device, quick: bool = False, shapes: Optional[Dict[str, Tu
                     errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                     del fns[name]
             timed = interleaved(fns, device=device, warmup=2, reps=reps) if fns else {}
+            profiled = {}
+            if device.type == "cuda":  # device time and kernel count per call, without the host's gaps
+                for name, fn in fns.items():
+                    try:
+                        profiled[name] = device_profile(fn)
+                    except Exception as exc:  # the profiler is optional evidence, never a reason to lose a row
+                        log(f"  profiler failed for {name}: {type(exc).__name__}: {str(exc)[:200]}")
             base = timed.get("eager", {}).get("median_ms")
             nbytes = case.bytes_per_element * numel * elem
             for name in ["eager", "compile"] + backends:
@@ -269,6 +279,10 @@ def run_op_benchmarks(device, quick: bool = False, shapes: Optional[Dict[str, Tu
                                  "q90_ms": timed[name]["q90_ms"], "reps": timed[name]["reps"],
                                  "speedup_vs_eager": (base / ms) if base else None, "bytes": nbytes, "gbps": gbps,
                                  "pct_of_copy": 100.0 * gbps / copy["gbps"]})
+                    if name in profiled and profiled[name]["device_us"] > 0:
+                        dev_gbps = nbytes / (profiled[name]["device_us"] * 1e-6) / 1e9
+                        rows[-1].update(kernels=profiled[name]["kernels"], device_us=profiled[name]["device_us"],
+                                        device_pct_of_copy=100.0 * dev_gbps / copy["gbps"])
                 elif name in errors:
                     rows.append({"suite": "ops", "case": case.name, "shape_name": shape_name,
                                  "shape": "x".join(map(str, shape)), "numel": numel, "dtype": str(dtype).replace("torch.", ""),

@@ -75,3 +75,24 @@ def peak_memory_mb(fn: Callable[[], Any], *, device) -> float:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def device_profile(fn: Callable[[], Any], *, calls: int = 5) -> Dict[str, float]:
+    """Device work of one call of fn on a CUDA device, from the CUDA profiler (CUPTI), not from wall time:
+    {"kernels": device kernels and memsets/copies launched per call, "device_us": their summed device time per
+    call}. A per-call event time includes the host's launch gaps; this does not, so bytes / device_us is the
+    kernels' own bandwidth (the roofline comparison), while the event time is what a training loop waits for."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    total_us = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in device_events)
+    return {"kernels": len(device_events) / calls, "device_us": total_us / calls}

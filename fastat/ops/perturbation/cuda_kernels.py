@@ -10,8 +10,11 @@ instead of storing them. Results carry no autograd history (attack steps are not
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from ... import _dispatch
 from ..noisy_input.cuda_kernels import _like_layout, coef_args, ops
 
 _OPS = ops()
@@ -28,6 +31,15 @@ def _fake_random(like, seed, radius, radius_s, l2, normal, dtype):
     return _like_layout(like, dtype=dtype)
 
 
+def _refuse_pgd(delta, grad, step_size, radius, norm="l2", normalize=True, model_input_base=None) -> Optional[str]:
+    # Found by the first GPU run (cross-backend test): without this the kernel silently dropped the graph.
+    leaves = [t for t in (delta, grad, model_input_base, step_size, radius) if isinstance(t, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
+        return "pgd_step kernels are not differentiable (call them under torch.no_grad() or on detached tensors)"
+    return None
+
+
+@_dispatch.refuses_when(_refuse_pgd)
 def pgd_step(delta, grad, step_size, radius, norm="l2", normalize=True, model_input_base=None):
     """CUDA kernels behind fastat.pgd_step (same signature as the reference). Inputs of mixed dtypes are widened
     to their promoted dtype (exact) and the result rounded back to delta's dtype, as the reference does."""
