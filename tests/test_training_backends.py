@@ -84,20 +84,38 @@ def _kernel_backends():
     return ["auto"] + out
 
 
+DRAWING = {"pgd_random_start", "fgsm_rs", "p2_random", "p2_adversarial", "p2_adversarial_low_memory", "free_p2"}
+
+
+def _draws_on(backend):
+    """Why the explicit backend cannot draw a random start (issue 11 item 4: `cpp` had no random_perturbation
+    kernel and no fallback), or None when it can."""
+    try:
+        with fastat.use_backend(backend):
+            fastat.random_perturbation(torch.zeros(2, 32), 0.1)
+    except fastat.BackendUnavailableError as err:
+        return str(err)
+    return None
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("backend", _kernel_backends())
 def test_loops_on_every_cpu_backend_match_the_reference(backend, case, monkeypatch):
     if backend == "triton" and case not in ("pgd", "p2_adversarial", "free_p1"):
         pytest.skip("the Triton interpreter is slow: three loops are enough to cover its ops")
+    if case in DRAWING and backend != "auto" and _draws_on(backend):
+        pytest.xfail(f"the op behind the random start is missing on {backend!r}: {_draws_on(backend)}")
     torch.manual_seed(0)
     model = Conv()
     x0, noise = torch.randn(4, 2, 4, 4), torch.randn(4, 2, 4, 4)  # D = 32
     t = torch.tensor([3, 100, 500, 990])
     kernel_model, ref_model = model, Conv()
     ref_model.load_state_dict(model.state_dict())
+    torch.manual_seed(1)  # DDPM-IP's xi comes from the global generator
     with fastat.use_backend(backend), recorded_draws(monkeypatch) as draws:
         got = CASES[case](kernel_model, x0, t, noise)
         got_grads = torch.autograd.grad(got, list(kernel_model.parameters())) if got.requires_grad else ()
+    torch.manual_seed(1)
     with fastat.use_backend("torch"), recorded_draws(monkeypatch, replay=draws):
         ref = CASES[case](ref_model, x0, t, noise)
         ref_grads = torch.autograd.grad(ref, list(ref_model.parameters())) if ref.requires_grad else ()

@@ -101,8 +101,10 @@ def test_low_memory_p2_gives_the_same_loss_and_gradients(method):
     model, x0, noise, t = make(60, dropout=0.3)
     model.train()
     kw = dict(alphas_cumprod=TABLE, method=method, return_dict=True)
+    torch.manual_seed(7)  # the dropout masks: each call advances the global generator by one pass
     ref = fastat.diffusion_adv_loss(model, x0, t, noise, generator=torch.Generator().manual_seed(2), **kw)
     ref_grads = grads(ref["loss"], model)
+    torch.manual_seed(7)
     out = fastat.diffusion_adv_loss(model, x0, t, noise, generator=torch.Generator().manual_seed(2), low_memory=True, **kw)
     torch.testing.assert_close(out["loss"], ref["loss"], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(out["reg"], ref["reg"], atol=1e-12, rtol=1e-12)

@@ -200,7 +200,7 @@ def _training_case():
         ({"eps": -0.1}, ValueError, "^eps must be a float >= 0"),
         ({"eps": "0.1"}, TypeError, "^eps must be a float"),
         ({"alpha": math.inf}, ValueError, "^alpha must be a finite float >= 0"),
-        ({"adv_init_mag": -1.0}, ValueError, "^init_mag must be a finite float >= 0"),
+        ({"adv_init_mag": -1.0}, ValueError, "^adv_init_mag must be a finite float >= 0"),
         ({"noise": torch.randn(4, 3, dtype=torch.float64)}, ValueError, r"^noise must have the shape of x0"),
         ({"weights": torch.ones(4, 1, 2, dtype=torch.float64)}, ValueError, "^weights must"),
         ({"weights": torch.tensor([1.0, math.nan, 1.0, 1.0], dtype=torch.float64)}, ValueError, "^weights must be finite"),
@@ -240,7 +240,7 @@ def test_free_replay_validates_at_construction():
     opt = torch.optim.SGD(lin.parameters(), lr=0.1)
     table = fastat.schedules.ddpm_linear_alphas_cumprod(1000)
     for kwargs, match in [({"eps": math.nan}, "^eps must be a float >= 0"), ({"alpha": -1.0}, "^alpha must"),
-                          ({"adv_init_mag": math.nan}, "^init_mag must"), ({"rho": math.nan}, "^rho must"),
+                          ({"adv_init_mag": math.nan}, "^adv_init_mag must"), ({"rho": math.nan}, "^rho must"),
                           ({"max_grad_norm": 0.0}, "^max_grad_norm must")]:
         with pytest.raises(ValueError, match=match):
             fastat.FreeReplay(model, opt, 2, alphas_cumprod=table, **kwargs)
