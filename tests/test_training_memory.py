@@ -4,52 +4,10 @@ import pytest
 import torch
 
 import fastat
+from fastat.bench.saved_bytes import measure_step
 from training_utils import TABLE, clone, grads, make, reference_backend  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
-
-
-class SavedBytes:
-    """Bytes of activation storage held for backward, live and peak, counted once per storage (parameters,
-    which any step holds, are left out)."""
-
-    def __init__(self, model):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.held = {}
-        self.live = self.peak = 0
-
-    def pack(self, t):
-        key = t.untyped_storage().data_ptr()
-        if key in self.params:
-            return t
-        if key in self.held:
-            self.held[key][1] += 1
-        else:
-            self.held[key] = [t.untyped_storage().nbytes(), 1]
-            self.live += self.held[key][0]
-            self.peak = max(self.peak, self.live)
-        return _Packed(t, key, self)
-
-    def unpack(self, packed):
-        return packed if isinstance(packed, torch.Tensor) else packed.tensor
-
-    def release(self, key):
-        entry = self.held[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live -= entry[0]
-            del self.held[key]
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-
-class _Packed:
-    def __init__(self, tensor, key, owner):
-        self.tensor, self.key, self.owner = tensor, key, owner
-
-    def __del__(self):
-        self.owner.release(self.key)
 
 
 class Wide(torch.nn.Module):
@@ -66,18 +24,8 @@ class Wide(torch.nn.Module):
 
 def measure(model, x0, t, noise, **kw):
     """(bytes held when backward starts, peak during the forward, bytes held when a recomputation starts)."""
-    tracker = SavedBytes(model)
-    at_recompute = []
-    in_backward = [False]
-    handle = model.register_forward_pre_hook(lambda m, a: at_recompute.append(tracker.live) if in_backward[0] else None)
-    with tracker.hooks():
-        loss = fastat.diffusion_adv_loss(model, x0, t, noise, alphas_cumprod=TABLE, **kw)
-        held, forward_peak = tracker.live, tracker.peak
-        in_backward[0] = True
-        loss.backward()
-    handle.remove()
-    assert tracker.live == 0
-    return held, forward_peak, at_recompute
+    out = measure_step(model, lambda: fastat.diffusion_adv_loss(model, x0, t, noise, alphas_cumprod=TABLE, **kw))
+    return out["held"], out["forward_peak"], out["at_recompute"]
 
 
 @pytest.mark.parametrize("method", ["equivariant_random", "equivariant_adversarial"])

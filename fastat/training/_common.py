@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 

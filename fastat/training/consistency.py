@@ -38,8 +38,8 @@ from ..ops.noisy_input import noisy_input
 from ..ops.perturbation import per_sample_norm
 from .. import schedules
 from . import attack
-from ._common import SameRandomness, call_model, check_timesteps, inner_model, no_sync, perturbation_dtype, unwrap_output
-from ._options import check_bool, check_generator, check_model_kwargs, check_scaler, resolve_aliases
+from ._common import SameRandomness, call_model, inner_model, no_sync, perturbation_dtype, unwrap_output
+from ._options import check_bools, check_generator, check_model_kwargs, check_scaler, resolve_aliases
 
 CM_METHODS = ("none", "pgd", "fgsm_rs")
 DISCRETISATIONS = ("karras", "ict")
@@ -161,9 +161,8 @@ def consistency_adv_loss(
     check_generator(generator)
     model_kwargs = check_model_kwargs(model_kwargs)
     check_scaler(scaler)
-    for name, flag in (("return_dict", return_dict), ("precondition", precondition), ("same_dropout", same_dropout),
-                       ("at_diff_grad_scale", at_diff_grad_scale)):
-        check_bool(name, flag)
+    check_bools(return_dict=return_dict, precondition=precondition, same_dropout=same_dropout,
+                at_diff_grad_scale=at_diff_grad_scale)
     if sigmas is None:
         sigmas = consistency_grid(discretisation, num_scales, training_step, total_steps, sigma_min, sigma_max, rho)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)

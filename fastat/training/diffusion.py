@@ -38,8 +38,7 @@ from ._common import (
     to_epsilon,
 )
 from ._options import (
-    check_bool,
-    check_eps,
+    check_bools,
     check_generator,
     check_model_kwargs,
     check_p2,
@@ -386,17 +385,12 @@ def diffusion_adv_loss(
     check_generator(generator)
     model_kwargs = check_model_kwargs(model_kwargs)
     check_scaler(scaler)
-    for name, flag in (("return_dict", return_dict), ("same_dropout", same_dropout), ("batch_branches", batch_branches),
-                       ("low_memory", low_memory), ("learn_sigma", learn_sigma), ("detach_anchor", detach_anchor),
-                       ("rescale_learned_sigmas", rescale_learned_sigmas), ("at_diff_grad_scale", at_diff_grad_scale)):
-        check_bool(name, flag)
+    check_bools(return_dict=return_dict, same_dropout=same_dropout, batch_branches=batch_branches,
+                low_memory=low_memory, learn_sigma=learn_sigma, detach_anchor=detach_anchor,
+                rescale_learned_sigmas=rescale_learned_sigmas, at_diff_grad_scale=at_diff_grad_scale)
     lam, beta, rho, r_min = check_p2(lam, beta, rho, r_min)
     _check_steps(method, opts["steps"])
-    if batch_branches and low_memory:
-        raise ValueError("low_memory=True checkpoints one P2 branch; batch_branches=True runs both in one forward: "
-                         "choose one")
-    if method in P2_METHODS and math.isinf(opts["eps"]) and radius_fn is None:
-        raise ValueError("eps=inf has no meaning for P2's box radius r(t) = max(r_min, eps * s_t^rho)")
+    check_p2_modes(method in P2_METHODS, opts["eps"], radius_fn, batch_branches, low_memory)
     weights = per_sample("weights", weights, x0.shape[0], x0.device, nonnegative=True)
 
     b = _Batch(model, x0, timesteps, noise, table, prediction_type, model_kwargs, generator, same_dropout,
@@ -432,6 +426,14 @@ def diffusion_adv_loss(
         "timesteps": b.timesteps,
         "noise": b.noise,
     }
+
+
+def check_p2_modes(p2: bool, eps: float, radius_fn, batch_branches: bool, low_memory: bool) -> None:
+    if batch_branches and low_memory:
+        raise ValueError("low_memory=True checkpoints one P2 branch; batch_branches=True runs both in one forward: "
+                         "choose one")
+    if p2 and math.isinf(eps) and radius_fn is None:
+        raise ValueError("eps=inf has no meaning for P2's box radius r(t) = max(r_min, eps * s_t^rho)")
 
 
 def _check_steps(method: str, steps) -> None:

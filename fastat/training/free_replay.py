@@ -35,7 +35,7 @@ from ..schedules import alphas_cumprod_of
 from . import attack
 from ._common import SameRandomness, chunk_noise, draw_timesteps_noise, leaf_grad_sum, no_sync
 from ._options import (
-    check_bool,
+    check_bools,
     check_float,
     check_generator,
     check_int_at_least,
@@ -52,6 +52,7 @@ from .diffusion import (
     P2_RHO,
     P2_STEP_FACTOR,
     _Batch,
+    check_p2_modes,
     p1_terms,
     p2_schedule,
     p2_terms,
@@ -64,9 +65,9 @@ class _Replayed:
     """One micro-batch's state across replays: its batch, weights, perturbation and the model input
     x_in = x_t + delta (P2: delta = u = s_t * omega, plus the box radius and lambda_t)."""
 
-    def __init__(self, batch: _Batch, weights, delta, x_in, radius=None, lam_t=None):
+    def __init__(self, batch: _Batch, weights, delta, x_in, plan=None, radius=None, lam_t=None):
         self.batch, self.weights, self.delta, self.x_in = batch, weights, delta, x_in
-        self.radius, self.lam_t = radius, lam_t
+        self.plan, self.radius, self.lam_t = plan, radius, lam_t
 
 
 class FreeReplay:
@@ -141,12 +142,10 @@ class FreeReplay:
         attack.check_random_start(random_start)
         check_scaler(scaler)
         self.max_grad_norm = check_float("max_grad_norm", max_grad_norm, positive=True, optional=True)
-        for name, flag in (("same_dropout", same_dropout), ("detach_anchor", detach_anchor),
-                           ("batch_branches", batch_branches), ("low_memory", low_memory), ("learn_sigma", learn_sigma),
-                           ("rescale_learned_sigmas", rescale_learned_sigmas), ("at_diff_grad_scale", at_diff_grad_scale)):
-            check_bool(name, flag)
-        if batch_branches and low_memory:
-            raise ValueError("low_memory=True checkpoints one P2 branch; batch_branches=True runs both in one forward")
+        check_bools(same_dropout=same_dropout, detach_anchor=detach_anchor, batch_branches=batch_branches,
+                    low_memory=low_memory, learn_sigma=learn_sigma, rescale_learned_sigmas=rescale_learned_sigmas,
+                    at_diff_grad_scale=at_diff_grad_scale)
+        check_p2_modes(method == "p2", opts["eps"], radius_fn, batch_branches, low_memory)
         lam, beta, rho, r_min = check_p2(lam, beta, rho, r_min)
         if method != "cm" and (alphas_cumprod is None) == (scheduler is None):
             raise ValueError("pass exactly one of alphas_cumprod= or scheduler=")
@@ -253,11 +252,11 @@ class FreeReplay:
         if self.method == "p1":
             plan = self._plan(b.x0)
             delta = plan.start(b.x0, generator, b.pdtype)
-            return _Replayed(b, weights, delta, attack.first_input(b.x_t, delta, plan.init == "zero", b.model_dtype))
+            return _Replayed(b, weights, delta, attack.first_input(b.x_t, delta, plan.init == "zero", b.model_dtype), plan)
         p = self.p2
         radius, lam_t = p2_schedule(b, self.opts["eps"], p["rho"], p["r_min"], p["radius_fn"], p["lam"], p["beta"])
         u = attack.draw_start(b.x0, b.sigma * radius, "linf", "uniform", generator, b.pdtype)
-        return _Replayed(b, weights, u, attack.first_input(b.x_t, u, False, b.model_dtype), radius, lam_t)
+        return _Replayed(b, weights, u, attack.first_input(b.x_t, u, False, b.model_dtype), None, radius, lam_t)
 
     def _loss(self, state: _Replayed, x_in: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         b = state.batch
@@ -276,7 +275,7 @@ class FreeReplay:
     def _ascend(self, state: _Replayed, g: torch.Tensor) -> None:
         b = state.batch
         if self.method == "p1":
-            plan = self._plan(b.x0)
+            plan = state.plan
             state.delta, state.x_in = attack.step(state.delta, g, plan.step_size, plan.radius, plan.norm, b.x_t,
                                                   b.model_dtype, plan.grad_divisor)
             return
