@@ -65,8 +65,8 @@ def hybrid_vb(table, timesteps: torch.Tensor, x0: torch.Tensor, x_t: torch.Tenso
         "log_beta": beta.log(),
         "post_log": post_log,
     }
-    idx = timesteps.reshape(-1).long().to(abar.device)
-    c = {k: column(v[idx].to(x0.device, acc), x0) for k, v in coef.items()}
+    idx = timesteps.reshape(-1).long()  # gathered where the timesteps live: no device-to-host sync
+    c = {k: column(v.to(idx.device)[idx].to(x0.device, acc), x0) for k, v in coef.items()}
     x0a, x_ta = x0.to(acc), x_t.to(acc)
     pred = prediction.detach().to(acc)
     if prediction_type == "epsilon":
