@@ -25,13 +25,16 @@ def test_guided_diffusion_training_losses_dict():
     p2 = fastat.GuidedDiffusionAdvLosses(TABLE, method="equivariant_random").training_losses(model, x0, t, noise=noise)
     torch.testing.assert_close(p2["loss"], p2["mse"] + p2["reg"])
 
-    # learned variance: 2C output channels, the first C are the noise prediction
+    # learned variance: 2C output channels, the first C are the noise prediction; the VB term is added
+    # (its values are checked in test_training_vb.py)
     def two_c(x, ts):
         out = model(x, ts)
-        return torch.cat([out, torch.full_like(out, 7.0)], dim=1)
+        return torch.cat([out, torch.full_like(out, 0.3)], dim=1)
 
     lv = fastat.GuidedDiffusionAdvLosses(TABLE, learn_sigma=True, method="pgd", adv_steps=2)
-    torch.testing.assert_close(lv.training_losses(two_c, x0, t, noise=noise)["loss"], ref)
+    lv_terms = lv.training_losses(two_c, x0, t, noise=noise)
+    torch.testing.assert_close(lv_terms["mse"], ref)
+    torch.testing.assert_close(lv_terms["loss"], ref + lv_terms["vb"])
 
 
 def test_edm_loss_matches_explicit_loop():

@@ -1,5 +1,6 @@
 """Mechanics: torch.compile'd models (attack loop eager), CUDA-graph capture, FSDP2, the step-benchmark
-cases (CPU smoke; the GPU cases and everything CUDA-only are marked gpu)."""
+cases (CPU smoke; the GPU cases and everything CUDA-only are marked gpu). The loops on every CPU kernel
+backend: test_training_backends.py."""
 import math
 import os
 
@@ -137,30 +138,3 @@ def test_step_benchmarks_quick_on_cuda():
     cases = {r["case"] for r in rows}
     assert {"toy_mlp_2d", "ddpm_cifar10_unet"} <= cases
     assert all(r["peak_mem_mb"] > 0 for r in rows)
-
-
-def _backends():
-    from utils import runnable_backends
-
-    return ["auto"] + [b for b in runnable_backends("cpu") if b != "torch"]
-
-
-@pytest.mark.parametrize("backend", _backends())
-def test_loops_on_every_cpu_backend_match_the_reference(backend):
-    """The loops call the public fused ops, so a selected kernel backend is used inside them."""
-    torch.manual_seed(0)
-    model = ToyMLP(width=32)
-    x0, noise = torch.randn(6, 2), torch.randn(6, 2)
-    t = torch.randint(0, 1000, (6,))
-    for method in ("pgd", "equivariant_adversarial"):
-        kw = dict(alphas_cumprod=TABLE, method=method, generator=torch.Generator().manual_seed(1))
-        ref = fastat.diffusion_adv_loss(model, x0, t, noise, **kw)
-        with fastat.use_backend(backend):
-            kw["generator"] = torch.Generator().manual_seed(1)
-            try:
-                got = fastat.diffusion_adv_loss(model, x0, t, noise, **kw)
-            except fastat.BackendUnavailableError as err:
-                if "has no kernel" in str(err):
-                    pytest.skip(f"explicit backend {backend!r} lacks an op the loop needs: {err}")
-                raise
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

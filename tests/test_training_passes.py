@@ -27,9 +27,13 @@ TABLE_ROWS = {
 
 class Counter:
     def __init__(self, model):
-        self.forwards, self.out_grads, self.weight_grads = [], 0, 0
+        self.forwards, self.out_grads, self.weight_grads, self.calls = [], 0, 0, 0
         model.register_forward_hook(self._fwd)
+        model.register_forward_pre_hook(self._call)
         model.l1.weight.register_hook(self._wgrad)
+
+    def _call(self, module, args):
+        self.calls += 1  # also counts a checkpoint's recomputation, which stops before the forward hook
 
     def _fwd(self, module, args, out):
         self.forwards.append(out.shape[0])
@@ -53,6 +57,17 @@ def test_diffusion_pass_counts(name):
     assert c.weight_grads == 0
     loss.backward()
     assert (c.forwards, c.out_grads, c.weight_grads) == (forwards, out_grads, weight_grads)
+
+
+@pytest.mark.parametrize("method,forwards", [("equivariant_random", 2), ("equivariant_adversarial", 3)])
+def test_low_memory_p2_recomputes_one_branch(method, forwards):
+    """low_memory: the same forwards and backwards plus one forward recomputed inside the backward."""
+    model, x0, noise, t = make(batch=B)
+    c = Counter(model)
+    loss = fastat.diffusion_adv_loss(model, x0, t, noise, alphas_cumprod=TABLE, method=method, low_memory=True)
+    assert c.calls == forwards and c.weight_grads == 0
+    loss.backward()
+    assert c.calls == forwards + 1 and c.out_grads == forwards and c.weight_grads == 1
 
 
 @pytest.mark.parametrize("method,batched,forwards", [("p1", False, [B]), ("p2", False, [B, B]), ("p2", True, [2 * B])])

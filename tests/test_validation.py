@@ -172,3 +172,97 @@ def test_integer_coefficients_are_floats():
         x = torch.randn(2, 3, dtype=torch.float64)
         torch.testing.assert_close(fastat.noisy_input(x, x, 1, 2), 3 * x)
         torch.testing.assert_close(fastat.pgd_step(x, x, 0, 100), x)
+
+
+# ------------------------------------------------------------------------------- the training API
+
+
+def _training_case():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2).double()
+
+    def model(x, t):
+        return lin(torch.cat([x, t.to(x.dtype)[:, None] / 1000], 1))
+
+    x0 = torch.randn(4, 2, dtype=torch.float64)
+    return model, x0, torch.tensor([1, 50, 300, 999])
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"timesteps": torch.tensor([1, 2, 3])}, ValueError, r"^timesteps must have shape \[B\]=\[4\], got \(3,\)"),
+        ({"timesteps": torch.tensor([[1], [2], [3], [4]])}, ValueError, r"^timesteps must have shape \[B\]=\[4\], got \(4, 1\)"),
+        ({"timesteps": torch.tensor([1.0, 2.0, 3.0, 4.0])}, TypeError, "^timesteps must be an integer tensor"),
+        ({"timesteps": [1, 2, 3, 4]}, TypeError, "^timesteps must be an integer tensor"),
+        ({"timesteps": torch.tensor([1, 2, 3, 1000])}, ValueError, r"^timesteps must lie in \[0, 999\]"),
+        ({"eps": math.nan}, ValueError, "^eps must be a float >= 0"),
+        ({"eps": -0.1}, ValueError, "^eps must be a float >= 0"),
+        ({"eps": "0.1"}, TypeError, "^eps must be a float"),
+        ({"alpha": math.inf}, ValueError, "^alpha must be a finite float >= 0"),
+        ({"adv_init_mag": -1.0}, ValueError, "^adv_init_mag must be a finite float >= 0"),
+        ({"noise": torch.randn(4, 3, dtype=torch.float64)}, ValueError, r"^noise must have the shape of x0"),
+        ({"weights": torch.ones(4, 1, 2, dtype=torch.float64)}, ValueError, "^weights must"),
+        ({"weights": torch.tensor([1.0, math.nan, 1.0, 1.0], dtype=torch.float64)}, ValueError, "^weights must be finite"),
+        ({"method": "equivariant_random", "batch_branches": True, "low_memory": True}, ValueError, "low_memory"),
+        ({"method": "fgsm_rs", "eps": math.inf}, ValueError, "^eps=inf"),
+    ],
+)
+def test_training_errors_name_the_argument(kwargs, exc, match):
+    model, x0, t = _training_case()
+    kwargs = dict(kwargs)
+    t = kwargs.pop("timesteps", t)
+    noise = kwargs.pop("noise", None)
+    with pytest.raises(exc, match=match):
+        fastat.diffusion_adv_loss(model, x0, t, noise, alphas_cumprod=fastat.schedules.ddpm_linear_alphas_cumprod(1000),
+                                  **kwargs)
+
+
+def test_a_model_without_a_timestep_argument_is_told_the_calling_convention():
+    _, x0, t = _training_case()
+    lin = torch.nn.Linear(2, 2).double()
+    table = fastat.schedules.ddpm_linear_alphas_cumprod(1000)
+    with pytest.raises(TypeError, match=r"model\(x_t, timesteps, \*\*model_kwargs\)"):
+        fastat.diffusion_adv_loss(lin, x0, t, alphas_cumprod=table)
+    with pytest.raises(TypeError, match=r"model\(x_t, timesteps, \*\*model_kwargs\)"):
+        fastat.diffusion_adv_loss(lambda x: lin(x), x0, t, alphas_cumprod=table)
+
+    def raises_inside(x, ts):
+        raise TypeError("a bug inside the model")
+
+    with pytest.raises(TypeError, match="^a bug inside the model$"):  # the model's own errors pass through
+        fastat.diffusion_adv_loss(raises_inside, x0, t, alphas_cumprod=table)
+
+
+def test_free_replay_validates_at_construction():
+    model, x0, t = _training_case()
+    lin = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    table = fastat.schedules.ddpm_linear_alphas_cumprod(1000)
+    for kwargs, match in [({"eps": math.nan}, "^eps must be a float >= 0"), ({"alpha": -1.0}, "^alpha must"),
+                          ({"adv_init_mag": math.nan}, "^adv_init_mag must"), ({"rho": math.nan}, "^rho must"),
+                          ({"max_grad_norm": 0.0}, "^max_grad_norm must")]:
+        with pytest.raises(ValueError, match=match):
+            fastat.FreeReplay(model, opt, 2, alphas_cumprod=table, **kwargs)
+    with pytest.raises(TypeError, match="^optimizer must"):
+        fastat.FreeReplay(model, None, 2, alphas_cumprod=table)
+    fr = fastat.FreeReplay(model, opt, 2, alphas_cumprod=table)
+    with pytest.raises(ValueError, match=r"^timesteps must have shape \[B\]=\[4\]"):
+        fr.step(x0, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"^weights must"):
+        fr.step(x0, t, weights=torch.ones(3, dtype=torch.float64))
+
+
+def test_consistency_errors_name_the_argument():
+    _, x0, _ = _training_case()
+    model = lambda x, s: x  # noqa: E731
+    for kwargs, exc, match in [
+        ({"eps": math.nan}, ValueError, "^eps must be a float >= 0"),
+        ({"indices": torch.tensor([0, 1])}, ValueError, "^indices must"),
+        ({"indices": torch.tensor([0.0, 1.0, 2.0, 3.0])}, TypeError, "^indices must be an integer tensor"),
+        ({"noise": torch.randn(4, 3)}, ValueError, "^noise must have the shape of x0"),
+        ({"weights": torch.ones(2)}, ValueError, "^weights must"),
+        ({"steps": -1}, ValueError, "^steps must"),
+    ]:
+        with pytest.raises(exc, match=match):
+            fastat.consistency_adv_loss(model, None, x0, **kwargs)

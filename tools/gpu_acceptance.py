@@ -786,7 +786,8 @@ def _count_selected(selections: Dict[str, tuple]) -> Dict[str, int]:
         "    @pytest.hookimpl(trylast=True)\n"
         "    def pytest_collection_modifyitems(self, items):\n"
         "        R.items = [(i.nodeid, sorted(m.name for m in i.iter_markers()), sorted(i.keywords)) for i in items]\n"
-        "pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', '-p', 'no:xdist'], plugins=[R()])\n"
+        # -m '' lifts pyproject's default "-m 'not slow'": every selection below is counted over the whole suite
+        "pytest.main(['--collect-only', '-q', '-m', '', '-p', 'no:cacheprovider', '-p', 'no:xdist'], plugins=[R()])\n"
         "sys.stderr.write('@@' + json.dumps(R.items))\n"
     )
     proc = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)

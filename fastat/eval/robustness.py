@@ -7,9 +7,9 @@ Denoiser error at x = x_t + delta (x_t = a_t x0 + s_t eps, timestep t):
            = eps + delta / s_t       otherwise: the noise that x implies for the same x0 (P1's target)
 
 perturbation = "none" (delta = 0), "random" (uniform direction on the sphere ||delta||_2 = R, or a random
-vertex of the box for Linf) or "pgd" (uniform start in the ball, `steps` ascent steps on sum_i err_i with
-fastat.pgd_step, step size 2.5 R / steps by default: Madry et al.'s rule). radius_mode "rms": R = r sqrt(D)
-for L2 (AT_Diff's convention); "abs": R = r.
+vertex of the box for Linf) or "pgd" (uniform start in the ball, `steps` ascent steps on sum_i err_i
+through the training loops' attack loop, fastat.training.attack; step size 2.5 R / steps by default:
+Madry et al.'s rule). radius_mode "rms": R = r sqrt(D) for L2 (AT_Diff's convention); "abs": R = r.
 
 Sampler attack: run deterministic DDIM for `num_steps` steps; before each step index in `attack_at`,
 perturb x_i by delta (||delta|| <= R) chosen to maximise ||x_final(x_i + delta) - x_final_clean||^2 by
@@ -26,8 +26,8 @@ import torch
 from .._checks import check_choice, check_tensor
 from .._shapes import column, mean_flat, per_sample_numel
 from ..ops.noisy_input import q_sample
-from ..ops.perturbation import pgd_step, random_perturbation
 from ..schedules import alpha_sigma, alphas_cumprod_of
+from ..training import attack
 from ..training._common import call_model
 from .sampling import ddim_sample, ddim_timesteps
 
@@ -56,12 +56,13 @@ def random_on_sphere(like: torch.Tensor, radius: float, norm: str = "l2",
     return (g * column(radius / n, g)).to(like.dtype)
 
 
-def _random_start(like: torch.Tensor, radius: float, norm: str, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Uniform start in the ball/box; a CPU generator may drive draws for CUDA data (drawn on CPU, then moved)."""
-    if generator is not None and generator.device.type != like.device.type:
-        cpu_like = torch.empty(like.shape, dtype=like.dtype)
-        return random_perturbation(cpu_like, radius, norm, "uniform", generator).to(like.device)
-    return random_perturbation(like, radius, norm, "uniform", generator)
+def _pgd(loss_fn, x: torch.Tensor, radius: float, norm: str, steps: int, step_size, generator):
+    """The training loops' attack loop (fastat.training.attack) from a uniform start in the ball/box;
+    step size 2.5 R / steps by default (Madry et al.). Returns (x + delta, delta)."""
+    alpha = 2.5 * radius / steps if step_size is None else float(step_size)
+    delta = attack.draw_start(x, radius, norm, "uniform", generator, x.dtype)
+    delta, x_adv, _ = attack.ascend(loss_fn, x, delta, steps=steps, step_size=alpha, radius=radius, norm=norm)
+    return x_adv, delta
 
 
 def denoiser_error(
@@ -98,8 +99,7 @@ def denoiser_error(
     x_t = q_sample(x0, noise, timesteps, abar).detach()
     big_r = _abs_radius(radius, x0, norm, radius_mode)
 
-    def error(delta: torch.Tensor) -> torch.Tensor:
-        x = x_t + delta
+    def error(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         pred = call_model(model, x, timesteps, model_kwargs).float()
         if reference is not None:
             # Not detached: the attack ascends the true error, whose target moves with x too.
@@ -108,21 +108,16 @@ def denoiser_error(
             target = noise.float() + delta.float() / column(sigma, delta)
         return mean_flat((pred - target) ** 2)
 
-    delta = torch.zeros_like(x_t)
+    x, delta = x_t, torch.zeros_like(x_t)
     if perturbation == "random":
         delta = random_on_sphere(x_t, big_r, norm, generator)
+        x = x_t + delta
     elif perturbation == "pgd" and big_r > 0:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1 for perturbation='pgd', got {steps!r}")
-        alpha = 2.5 * big_r / steps if step_size is None else float(step_size)
-        delta = _random_start(x_t, big_r, norm, generator)
-        for _ in range(steps):
-            delta = delta.detach().requires_grad_(True)
-            with torch.enable_grad():
-                (g,) = torch.autograd.grad(error(delta).sum(), delta)
-            delta = pgd_step(delta.detach(), g, alpha, big_r, norm)
+        x, delta = _pgd(lambda xi, d: error(xi, d).sum(), x_t, big_r, norm, steps, step_size, generator)
     with torch.no_grad():
-        return error(delta.detach())
+        return error(x, delta)
 
 
 def sampler_attack(
@@ -164,15 +159,7 @@ def sampler_attack(
         x = x.detach()
         if mode == "random" or big_r == 0:
             return x + random_on_sphere(x, big_r, norm, generator)
-        alpha = 2.5 * big_r / steps if step_size is None else float(step_size)
-        delta = _random_start(x, big_r, norm, generator)
-        for _ in range(steps):
-            delta = delta.detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss = ((rollout(x + delta, i) - clean) ** 2).sum()
-                (g,) = torch.autograd.grad(loss, delta)
-            delta = pgd_step(delta.detach(), g, alpha, big_r, norm)
-        return x + delta.detach()
+        return _pgd(lambda xi, _d: ((rollout(xi, i) - clean) ** 2).sum(), x, big_r, norm, steps, step_size, generator)[0]
 
     attacked = ddim_sample(model, x_T, alphas_cumprod, num_steps, perturb=perturb, model_kwargs=model_kwargs)
     error = mean_flat((attacked.float() - clean.float()) ** 2).sqrt()

@@ -10,8 +10,10 @@ weight gradients). The standard DDPM step is 1 F + 1 Bw (~3F of work: a full bac
     fgsm_rs                                  2               1            1
     equivariant_random                       2               0            1 (both branches)
     equivariant_random, batch_branches       1 of 2B         0            1 of 2B
+    equivariant_random, low_memory           2 + 1 in Bw     0            1 (one branch at a time)
     equivariant_adversarial                  3               1            1 (both branches)
     equivariant_adversarial, batch_branches  2 of 2B         1 of 2B      1 of 2B
+    equivariant_adversarial, low_memory      3 + 1 in Bw     1            1 (one branch at a time)
     FreeReplay P1 (per optimizer step)       1               0            1
     FreeReplay P2 (per optimizer step)       2 (1 of 2B)     0            1
     consistency_adv_loss                     as above + 1 no-grad target forward (+1/2 teacher forwards for CD)
@@ -35,8 +37,14 @@ Mechanics:
 - channels_last: inputs keep their layout; per-sample reductions never flatten with ``.view``.
 - CUDA graphs: ``GraphedStep`` captures a whole step (attack passes, backward, optimizer step); use
   ``same_dropout=False`` and a capturable optimizer (see cuda_graph.py).
-- Dropout: every pass of one loss call replays one RNG state (``same_dropout=True``), so the compared
-  passes (P2 clean/perturbed, attack/final, CM student/target) see the same dropout mask.
+- Dropout and randomness: a call first makes its own draws (timesteps, noise, then the random start /
+  DDPM-IP's xi / P2's omega) with ``generator`` or the global generator; every pass then replays one RNG
+  state (``same_dropout=True``), so the compared passes (P2 clean/perturbed, attack/final, CM
+  student/target) see the same dropout mask, and the global generator is left where one pass left it.
+- Pure low precision: the model is fed x0's dtype (bf16/fp16 weights and data need no autocast); the
+  perturbation stays fp32.
+- One attack loop (attack.py) for every loss and for fastat.eval: x_t formed once, the next model input
+  written by ``pgd_step(..., model_input_base=x_t)`` in the same pass as the update.
 """
 from .adapters import EDMAdvLoss, GuidedDiffusionAdvLosses
 from .consistency import consistency_adv_loss, consistency_grid

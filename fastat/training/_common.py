@@ -1,5 +1,5 @@
 """Shared mechanics of the training losses: calling the user's model, prediction-type targets,
-input-gradient attack passes, DDP unwrapping, dropout-mask replay and argument aliases.
+input-gradient attack passes, DDP unwrapping, dropout-mask replay, and the batch's own draws.
 
 Model calling convention: ``model(x_t, timesteps, **model_kwargs)``. An output with a ``.sample``
 field (diffusers ``UNet2DOutput``) or a tuple/list (``return_dict=False``) is unwrapped to its first
@@ -20,12 +20,14 @@ so every type goes through the one fused loss with an adjusted per-sample scale.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Optional, Tuple
+import inspect
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .._checks import check_choice
+from .._checks import check_choice, check_like
 from .._shapes import column
+from ..ops.noise import SeededNoise
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -42,7 +44,33 @@ def unwrap_output(out: Any) -> torch.Tensor:
 
 
 def call_model(model, x: torch.Tensor, timesteps, model_kwargs: Optional[Dict[str, Any]]) -> torch.Tensor:
-    return unwrap_output(model(x, timesteps, **(model_kwargs or {})))
+    """``model(x, timesteps, **model_kwargs)``, unwrapped. A TypeError raised because the model cannot take
+    these arguments says so; one raised inside the model passes through unchanged."""
+    kwargs = model_kwargs or {}
+    try:
+        out = model(x, timesteps, **kwargs)
+    except TypeError as err:
+        if _accepts(model, (x, timesteps), kwargs):
+            raise
+        raise TypeError(
+            f"the model is called as model(x_t, timesteps, **model_kwargs) (model_kwargs keys: {sorted(kwargs)}), "
+            f"which {type(model).__name__} does not accept: {err}. Wrap it, e.g. lambda x, t: net(x)"
+        ) from err
+    return unwrap_output(out)
+
+
+def _accepts(model, args, kwargs) -> bool:
+    """Whether the model's signature binds the call (True when it cannot be inspected)."""
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature (builtins, some C callables)
+        return True
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError:
+        return False
+    return True
 
 
 def inner_model(model):
@@ -85,36 +113,40 @@ def _fsdp2_no_sync(model):
 
 
 class SameRandomness:
-    """Replays one RNG state before each of several compared passes, so dropout draws the same mask
-    (consistency-models practice: ``dropout_state = get_rng_state(); ...; set_rng_state(dropout_state)``).
+    """One RNG state shared by the compared passes of a call, so dropout draws the same mask in each
+    (consistency-models practice: ``state = get_rng_state(); ...; set_rng_state(state)``).
 
-    Records the CPU state and, for a CUDA device, that device's state. ``enabled=False`` does nothing
-    (needed inside CUDA-graph capture, where RNG state cannot be set)."""
+    The state is recorded by the first pass (after every draw the call makes itself) and restored
+    before each later pass, so after the call the generator stands where one pass left it: it is
+    advanced, never rewound. Records the CPU state and, for a CUDA device, that device's state.
+    ``enabled=False`` does nothing (needed inside CUDA-graph capture, where RNG state cannot be set)."""
 
     def __init__(self, device: torch.device, enabled: bool = True):
         self.enabled = enabled
-        self.cuda = torch.device(device).type == "cuda"
         self.device = torch.device(device)
-        if enabled:
-            self.cpu_state = torch.get_rng_state()
-            self.cuda_state = torch.cuda.get_rng_state(self.device) if self.cuda else None
+        self.cuda = self.device.type == "cuda"
+        self.state = None
 
     def replay(self) -> None:
         if not self.enabled:
             return
-        torch.set_rng_state(self.cpu_state)
+        if self.state is None:
+            self.state = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.cuda else None)
+            return
+        torch.set_rng_state(self.state[0])
         if self.cuda:
-            torch.cuda.set_rng_state(self.cuda_state, self.device)
+            torch.cuda.set_rng_state(self.state[1], self.device)
 
 
-def p1_target(
-    prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(base, scale) so that the P1 target is base + delta / scale (scale None: delta does not enter)."""
+def p1_target(prediction_type: str, x0: torch.Tensor, noise, alpha: torch.Tensor, sigma: torch.Tensor):
+    """(base, scale) so that the P1 target is base + delta / scale (scale None: delta does not enter).
+    ``noise`` may be a SeededNoise; it is materialised only for v-prediction, whose base needs it."""
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     if prediction_type == "epsilon":
         return noise, sigma
     if prediction_type == "v_prediction":
+        if isinstance(noise, SeededNoise):
+            noise = noise.materialize(x0, torch.promote_types(x0.dtype, torch.float32))
         a, s = column(alpha, x0), column(sigma, x0)
         return a * noise - s * x0, sigma / alpha
     return x0, None
@@ -140,57 +172,70 @@ def to_epsilon(pred: torch.Tensor, x_in: torch.Tensor, alpha, sigma, prediction_
     return (x_in - a * pred) / s
 
 
-def input_grad(loss: torch.Tensor, delta: torch.Tensor, scaler=None, retain_graph: bool = False) -> torch.Tensor:
-    """d loss / d delta only (no weight gradient is formed or accumulated). With a GradScaler the loss is
-    scaled before the backward (so fp16 activation gradients do not underflow) and the gradient unscaled
-    after; a sample whose gradient overflowed stays non-finite and pgd_step skips it."""
-    if scaler is not None and scaler.is_enabled():
-        scale = scaler.get_scale()
-        (g,) = torch.autograd.grad(loss * scale, delta, retain_graph=retain_graph)
-        return g / scale
-    (g,) = torch.autograd.grad(loss, delta, retain_graph=retain_graph)
-    return g
+def input_grad(loss: torch.Tensor, inputs: Sequence[torch.Tensor], scaler=None) -> torch.Tensor:
+    """d loss / d inputs, summed over the given leaves (no weight gradient is formed or accumulated), in the
+    dtype of the last one. The attack loops pass (x_in, delta): the model input and the perturbation, which
+    may also enter the loss directly (P1's "delta" target). With a GradScaler the loss is scaled before
+    the backward (so fp16 activation gradients do not underflow) and the gradient unscaled after; a
+    sample whose gradient overflowed stays non-finite and pgd_step skips it."""
+    scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+    grads = torch.autograd.grad(loss if scale is None else loss * scale, list(inputs), allow_unused=True)
+    return leaf_grad_sum(grads, inputs[-1], scale)
 
 
-ALIASES = {
-    "adv_steps": "steps",
-    "adv_lr": "alpha",
-    "adv_max_norm": "eps",
-    "adv_norm_type": "norm",
-    "adv_target_type": "target",
-}
-
-_NORM_NAMES = {"l2": "l2", "linf": "linf", "inf": "linf", "l_inf": "linf", "l_2": "l2", "2": "l2"}
-
-
-def resolve_aliases(values: Dict[str, Any], aliases: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
-    """Merge AT_Diff/FreeLB names into fastat's; a name given twice with different values is an error.
-    `values` holds fastat's names (None = not given); unknown alias names raise TypeError."""
-    out = dict(values)
-    for alias, value in aliases.items():
-        if alias not in ALIASES:
-            raise TypeError(f"unexpected keyword argument {alias!r} (AT_Diff aliases: {sorted(ALIASES)})")
-        name = ALIASES[alias]
-        if name == "norm" and isinstance(value, str):
-            value = _NORM_NAMES.get(value.lower(), value)
-        if out.get(name) is not None and out[name] != value:
-            raise ValueError(f"{name}={out[name]!r} and its alias {alias}={value!r} disagree; pass only one")
-        out[name] = value
-    for name, value in defaults.items():
-        if out.get(name) is None:
-            out[name] = value
-    return out
+def leaf_grad_sum(grads, like: torch.Tensor, scale=None) -> torch.Tensor:
+    """The sum of the non-None gradients, in like's dtype, divided by a loss scale if one was applied."""
+    total = None
+    for g in grads:
+        if g is not None:
+            g = g.to(like.dtype)
+            total = g if total is None else total + g
+    if total is None:
+        total = torch.zeros_like(like)
+    return total if scale is None else total / scale
 
 
 def draw_timesteps_noise(x0, timesteps, noise, num_timesteps: int, generator):
-    """Uniform integer timesteps in [0, T) and standard normal noise where not given."""
+    """Uniform integer timesteps in [0, T), then standard normal noise, each drawn only where not given
+    (in this order, with `generator` or the global generator); given ones are validated."""
+    batch = x0.shape[0]
     if timesteps is None:
-        timesteps = torch.randint(0, num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        timesteps = torch.randint(0, num_timesteps, (batch,), device=x0.device, generator=generator)
+    else:
+        check_timesteps("timesteps", timesteps, x0)
     if noise is None:
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         if x0.is_contiguous(memory_format=torch.channels_last) and x0.ndim == 4:
             noise = noise.contiguous(memory_format=torch.channels_last)
+    elif not isinstance(noise, SeededNoise):
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"noise must be a torch.Tensor or a fastat.SeededNoise, got {type(noise).__name__}")
+        check_like("noise", noise, "x0", x0)
     return timesteps, noise
+
+
+def check_timesteps(name: str, timesteps, x0: torch.Tensor) -> None:
+    """An integer tensor of shape [B] on x0's device."""
+    if not isinstance(timesteps, torch.Tensor) or timesteps.dtype.is_floating_point or timesteps.dtype in (
+        torch.bool, torch.complex64, torch.complex128
+    ):
+        what = getattr(timesteps, "dtype", type(timesteps).__name__)
+        raise TypeError(f"{name} must be an integer tensor of shape [B], got {what}")
+    if tuple(timesteps.shape) != (x0.shape[0],):
+        raise ValueError(f"{name} must have shape [B]=[{x0.shape[0]}], got {tuple(timesteps.shape)}")
+    if timesteps.device != x0.device:
+        raise ValueError(f"{name} is on {timesteps.device} but x0 is on {x0.device}; put them on one device")
+
+
+def chunk_noise(noise, chunks: int, like: torch.Tensor):
+    """Split a noise tensor along the batch, or a SeededNoise into the streams of its row blocks
+    (element i of a row-major [B, ...] tensor is draw offset + i, so block j starts at its first row)."""
+    if not isinstance(noise, SeededNoise):
+        return list(noise.chunk(chunks))
+    rows = [len(c) for c in torch.arange(like.shape[0]).chunk(chunks)]
+    per_row = like[0].numel() if like.shape[0] else 0
+    starts = [sum(rows[:j]) * per_row for j in range(len(rows))]
+    return [SeededNoise(noise.seed, noise.offset + start) for start in starts]
 
 
 def perturbation_dtype(x0: torch.Tensor) -> torch.dtype:

@@ -3,15 +3,16 @@
 - guided-diffusion / AT_Diff: ``GuidedDiffusionAdvLosses(alphas_cumprod, method=..., ...)`` has the
   ``training_losses(model, x_start, t, model_kwargs=None, noise=None)`` method of GaussianDiffusion and
   returns its dict of per-sample terms {"loss": [B], "mse": [B]} (+ "reg" for P2). Learned-variance
-  models (2C output channels): pass ``learn_sigma=True``; the first C channels are the mean prediction.
-  The hybrid VB term is not added (evaluate it yourself at x_adv with a frozen mean if you need it).
+  models (2C output channels, ``learn_sigma=True``): the first C channels are the mean prediction and
+  the dict adds "vb", IDDPM's VB term with the mean frozen, evaluated at x_adv as AT_Diff does (vb.py);
+  ``rescale_learned_sigmas=True`` scales it by T/1000 (guided-diffusion's RESCALED_MSE).
 - EDM (Karras et al. 2022): ``EDMAdvLoss(P_mean=-1.2, P_std=1.2, sigma_data=0.5, method=...)`` is called
   like EDM's ``EDMLoss`` as ``loss_fn(net, images, labels=None, augment_pipe=None)`` and returns the
   per-element loss weight(sigma) * (D(y + n + delta; sigma) - y)^2, with
   sigma = exp(P_mean + P_std * N(0,1)), weight = (sigma^2 + sd^2) / (sigma * sd)^2, n = sigma * N(0, I).
   The denoiser predicts y (x0), so P1's folded target is y itself (see _common: x0 is unchanged by delta).
   delta comes from ``steps`` input-gradient steps on the same loss (``method="pgd"``), one step from a
-  random start (``"fgsm_rs"``) or none (``"standard"``).
+  random start (``"fgsm_rs"``) or none (``"standard"``), through the shared attack loop (attack.py).
 """
 from __future__ import annotations
 
@@ -23,35 +24,33 @@ from .._checks import check_choice, check_tensor
 from .._shapes import column
 from ..ops.losses import equivariant_mse
 from ..ops.noisy_input import noisy_input
-from ..ops.perturbation import NORMS, pgd_step, random_perturbation, rms_radius
-from ._common import SameRandomness, input_grad, perturbation_dtype, unwrap_output
+from . import attack
+from ._common import SameRandomness, perturbation_dtype, unwrap_output
+from ._options import check_eps, check_float, check_norm, check_steps
 from .diffusion import diffusion_adv_loss
 
 
 class GuidedDiffusionAdvLosses:
     """guided-diffusion's ``GaussianDiffusion.training_losses`` with AT (any diffusion_adv_loss keyword)."""
 
-    def __init__(self, alphas_cumprod, learn_sigma: bool = False, **adv_kwargs):
+    def __init__(self, alphas_cumprod, learn_sigma: bool = False, rescale_learned_sigmas: bool = False, **adv_kwargs):
         self.alphas_cumprod = alphas_cumprod
         self.learn_sigma = learn_sigma
+        self.rescale_learned_sigmas = rescale_learned_sigmas
         self.adv_kwargs = adv_kwargs
 
     def training_losses(self, model, x_start: torch.Tensor, t: torch.Tensor, model_kwargs=None, noise=None):
-        """Per-sample terms of one batch: {"loss", "mse"} (and "reg" for P2), each [B]."""
-        net = model
-        if self.learn_sigma:
-            channels = x_start.shape[1]
-
-            def net(x, ts, **kw):
-                return unwrap_output(model(x, ts, **kw))[:, :channels]
-
+        """Per-sample terms of one batch: {"loss", "mse"} (+ "reg" for P2, + "vb" with learn_sigma), each [B]."""
         out = diffusion_adv_loss(
-            net, x_start, t, noise, alphas_cumprod=self.alphas_cumprod, model_kwargs=model_kwargs,
-            reduction="none", return_dict=True, **self.adv_kwargs,
+            model, x_start, t, noise, alphas_cumprod=self.alphas_cumprod, model_kwargs=model_kwargs,
+            reduction="none", return_dict=True, learn_sigma=self.learn_sigma,
+            rescale_learned_sigmas=self.rescale_learned_sigmas, **self.adv_kwargs,
         )
         terms = {"loss": out["loss_per_sample"], "mse": out["mse"]}
         if self.adv_kwargs.get("method") in ("equivariant_random", "equivariant_adversarial"):
             terms["reg"] = out["reg"]
+        if self.learn_sigma:
+            terms["vb"] = out["vb"]
         return terms
 
 
@@ -74,10 +73,12 @@ class EDMAdvLoss:
         same_dropout: bool = True,
     ):
         check_choice("method", method, ("pgd", "fgsm_rs", "standard"))
-        check_choice("norm", norm, NORMS)
         check_choice("eps_mode", eps_mode, ("rms", "abs"))
+        attack.check_random_start(random_start)
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
-        self.method, self.eps, self.eps_mode, self.alpha, self.steps, self.norm = method, eps, eps_mode, alpha, steps, norm
+        self.method, self.eps_mode, self.norm = method, eps_mode, check_norm("norm", norm)
+        self.eps, self.alpha = check_eps("eps", eps), check_float("alpha", alpha, optional=True)
+        self.steps = check_steps("steps", steps)
         self.random_start, self.scaler, self.same_dropout = random_start, scaler, same_dropout
 
     def __call__(self, net, images: torch.Tensor, labels=None, augment_pipe=None, generator=None):
@@ -89,27 +90,26 @@ class EDMAdvLoss:
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         z = torch.randn(y.shape, device=y.device, dtype=y.dtype, generator=generator)
         sig_col = sigma.reshape((-1,) + (1,) * (y.ndim - 1))
-        rng = SameRandomness(y.device, self.same_dropout)
         kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
-
-        def denoise(delta):
-            rng.replay()
-            return unwrap_output(net(noisy_input(y, z, 1.0, sigma, delta), sig_col, labels, **kwargs))
-
-        delta = None
+        plan = None
         if self.method != "standard":
-            radius = rms_radius(self.eps, y) if (self.eps_mode == "rms" and self.norm == "l2") else self.eps
-            if self.method == "pgd":
-                k, init = self.steps, ("uniform" if self.random_start else "zero")
-                step = self.alpha if self.alpha is not None else (0.1 if self.norm == "l2" else 2.5 * radius / max(k, 1))
-            else:
-                k, init = 1, "uniform"
-                step = self.alpha if self.alpha is not None else 1.25 * radius
-            delta = random_perturbation(y, radius, self.norm, init, generator, dtype=acc)
-            for _ in range(k):
-                delta = delta.detach().requires_grad_(True)
-                per = equivariant_mse(denoise(delta), y, None, 1.0, "original", weight, "sum")
-                delta = pgd_step(delta.detach(), input_grad(per, delta, self.scaler), step, radius, self.norm)
-            delta = delta.detach()
-        d_yn = denoise(delta)
+            plan = attack.AttackPlan.resolve(self.method, y, eps=self.eps, eps_mode=self.eps_mode, norm=self.norm,
+                                             alpha=self.alpha, steps=self.steps if self.method == "pgd" else None,
+                                             random_start=self.random_start if self.method == "pgd" else None)
+            delta = plan.start(y, generator, acc)  # drawn before any pass
+        rng = SameRandomness(y.device, self.same_dropout)
+        x_noisy = noisy_input(y, z, 1.0, sigma)
+
+        def denoise(x):
+            rng.replay()
+            return unwrap_output(net(x, sig_col, labels, **kwargs))
+
+        x_in = x_noisy
+        if plan is not None:
+            x_in = attack.first_input(x_noisy, delta, plan.init == "zero", y.dtype)
+            _, x_in, _ = attack.ascend(
+                lambda x, _d: equivariant_mse(denoise(x), y, None, 1.0, "original", weight, "sum"), x_noisy, delta,
+                steps=plan.steps, step_size=plan.step_size, radius=plan.radius, norm=plan.norm, x_in=x_in,
+                scaler=self.scaler, model_dtype=y.dtype)
+        d_yn = denoise(x_in)
         return column(weight, y) * (d_yn.to(acc) - y.to(acc)) ** 2

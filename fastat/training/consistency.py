@@ -25,34 +25,39 @@ diffusion_adv_loss: "none" 1 F + 1 Bw; "pgd" K+1 F, K Bi, 1 Bw; "fgsm_rs" 2 F, 1
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from .._checks import check_choice, check_tensor
+from .._checks import check_choice, check_tensor, per_sample
 from .._shapes import REDUCTIONS, column, reduce
 from ..ops.losses import METRICS, consistency_distance
-from ..ops.perturbation import NORMS, per_sample_norm, pgd_step, random_perturbation, rms_radius
+from ..ops.noise import SeededNoise
+from ..ops.noisy_input import noisy_input
+from ..ops.perturbation import per_sample_norm
 from .. import schedules
-from ._common import SameRandomness, inner_model, input_grad, no_sync, perturbation_dtype, resolve_aliases, unwrap_output
+from . import attack
+from ._common import SameRandomness, call_model, inner_model, no_sync, perturbation_dtype, unwrap_output
+from ._options import check_bools, check_generator, check_model_kwargs, check_scaler, resolve_aliases
 
 CM_METHODS = ("none", "pgd", "fgsm_rs")
 DISCRETISATIONS = ("karras", "ict")
 SOLVERS = ("euler", "heun")
 WEIGHTINGS = ("uniform", "ict")
-INITS = {True: "uniform", False: "zero", "uniform": "uniform", "normal": "normal", "zero": "zero"}
 
 
-def cm_denoise(model, x, sigma, model_kwargs, sigma_data, sigma_min, precondition, c_noise_fn):
-    """f(x, sigma) with consistency preconditioning (or model(x, sigma) itself if precondition=False)."""
-    kwargs = model_kwargs or {}
+def cm_denoise(model, x, sigma, model_kwargs, sigma_data, sigma_min, precondition, c_noise_fn, model_dtype=None):
+    """f(x, sigma) with consistency preconditioning (or model(x, sigma) itself if precondition=False).
+    x (the state) stays in fp32/fp64; the model is fed ``model_dtype`` (the data's dtype)."""
+    model_dtype = x.dtype if model_dtype is None else model_dtype
     if not precondition:
-        return unwrap_output(model(x, sigma, **kwargs))
+        return call_model(model, x.to(model_dtype), sigma, model_kwargs)
     c_skip, c_out, c_in = schedules.consistency_preconditioning(sigma, sigma_data, sigma_min)
-    acc = perturbation_dtype(x) if x.dtype != torch.float64 else torch.float64
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     c_skip, c_out, c_in = (c.to(x.device, acc) for c in (c_skip, c_out, c_in))
     c_noise = c_noise_fn(sigma) if c_noise_fn is not None else (sigma.double().log() / 4).to(sigma.dtype)
-    out = unwrap_output(model(column(c_in, x) * x, c_noise, **kwargs))
+    out = call_model(model, (column(c_in, x) * x).to(model_dtype), c_noise, model_kwargs)
     return column(c_skip, x) * x + column(c_out, x) * out
 
 
@@ -105,6 +110,8 @@ def consistency_adv_loss(
     steps: Optional[int] = None,
     norm: Optional[str] = None,
     random_start=None,
+    init_mag: Optional[float] = None,
+    at_diff_grad_scale: bool = False,
     delta: Optional[torch.Tensor] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
     teacher_kwargs: Optional[Dict[str, Any]] = None,
@@ -115,6 +122,7 @@ def consistency_adv_loss(
     c_noise_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     same_dropout: bool = True,
     scaler=None,
+    weights=None,
     **aliases,
 ):
     """Adversarial consistency loss for one batch (see the module docstring for the formulas).
@@ -126,9 +134,14 @@ def consistency_adv_loss(
     the draw (FreeReplay reuses them across replays).
     Perturbation on the student input: method "none" | "pgd" (``steps`` input-gradient ascent steps on d,
     L2-normalised step ``alpha`` default 0.1 or Linf sign step, radius ``eps`` default 0.1 with
-    ``eps_mode="rms"`` -> R = eps * sqrt(D)) | "fgsm_rs" (uniform start, one step 1.25 * R).
+    ``eps_mode="rms"`` -> R = eps * sqrt(D); math.inf: no projection) | "fgsm_rs" (uniform start, one step
+    1.25 * R); ``random_start``, ``init_mag``, ``at_diff_grad_scale`` as in diffusion_adv_loss; the attack
+    runs through the shared loop of attack.py (x_{n+1} formed once, pgd_step writes the next input).
     ``delta``: a given perturbation used as is (its gradient flows if it requires grad; Free-AT).
-    AT_Diff aliases adv_steps, adv_lr, adv_max_norm, adv_norm_type as in diffusion_adv_loss.
+    AT_Diff aliases adv_steps, adv_lr, adv_max_norm, adv_norm_type, adv_init_mag as in diffusion_adv_loss.
+    ``noise``: z as a tensor or a fastat.SeededNoise. ``weights``: per-sample loss weights [B] (times the
+    iCT weighting). Randomness: indices, noise, then the random start are drawn with ``generator`` before any
+    pass; the passes share one RNG state and leave the global generator where one pass left it.
     Returns the reduced loss, or with ``return_dict`` a dict: loss, loss_per_sample, delta_norm, grad_norm,
     delta, indices, noise, sigmas.
     """
@@ -142,9 +155,14 @@ def consistency_adv_loss(
     if mode == "cd" and teacher is None:
         raise ValueError("mode='cd' (distillation) needs teacher=, a denoiser called as teacher(x, sigma)")
     opts = resolve_aliases(
-        {"steps": steps, "alpha": alpha, "eps": eps, "norm": norm}, aliases, {"eps": 0.1, "norm": "l2"}
+        {"steps": steps, "alpha": alpha, "eps": eps, "norm": norm, "init_mag": init_mag}, aliases, {"eps": 0.1, "norm": "l2"}
     )
-    check_choice("norm", opts["norm"], NORMS)
+    attack.check_random_start(random_start)
+    check_generator(generator)
+    model_kwargs = check_model_kwargs(model_kwargs)
+    check_scaler(scaler)
+    check_bools(return_dict=return_dict, precondition=precondition, same_dropout=same_dropout,
+                at_diff_grad_scale=at_diff_grad_scale)
     if sigmas is None:
         sigmas = consistency_grid(discretisation, num_scales, training_step, total_steps, sigma_min, sigma_max, rho)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
@@ -153,74 +171,70 @@ def consistency_adv_loss(
     if weighting is None:
         weighting = "ict" if discretisation == "ict" else "uniform"
     check_choice("weighting", weighting, WEIGHTINGS)
-
     batch, device = x0.shape[0], x0.device
+    weights = per_sample("weights", weights, batch, device, nonnegative=True)
+    plan = None
+    if delta is not None:
+        if not isinstance(delta, torch.Tensor) or delta.shape != x0.shape:
+            raise ValueError(f"delta must be a tensor of the shape of x0 {tuple(x0.shape)}, got {getattr(delta, 'shape', delta)!r}")
+    elif method != "none":
+        plan = attack.AttackPlan.resolve(
+            method, x0, eps=opts["eps"], eps_mode=eps_mode, norm=opts["norm"], alpha=opts["alpha"], steps=opts["steps"],
+            random_start=random_start, init_mag=opts["init_mag"], at_diff_grad_scale=at_diff_grad_scale)
+
+    # The call's own draws, in this order and before any model pass: indices, noise, the random start.
     acc = perturbation_dtype(x0)
     if indices is None:
         if discretisation == "ict":
             indices = schedules.sample_ict_indices(sigmas, batch, generator=_cpu_gen(generator))
         else:
             indices = torch.randint(0, sigmas.numel() - 1, (batch,), generator=_cpu_gen(generator))
-    indices = indices.to(device="cpu", dtype=torch.long).reshape(-1)
-    if indices.numel() != batch or int(indices.min()) < 0 or int(indices.max()) > sigmas.numel() - 2:
-        raise ValueError(f"indices must be {batch} integers in [0, {sigmas.numel() - 2}]")
+    indices = _check_indices(indices, batch, sigmas.numel())
     if noise is None:
         noise = torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator)
+    elif not isinstance(noise, SeededNoise):
+        check_tensor("noise", noise)
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+    if plan is not None:
+        delta = plan.start(x0, generator, acc)
     s_n = sigmas[indices].to(device, acc)
     s_n1 = sigmas[indices + 1].to(device, acc)
-    if weighting == "ict":
-        lam = schedules.ict_loss_weights(sigmas)[indices].to(device, acc)
-    else:
-        lam = None
+    lam = schedules.ict_loss_weights(sigmas)[indices].to(device, acc) if weighting == "ict" else None
 
     x0a = x0.to(acc)
-    z = noise.to(acc)
-    x_n1 = x0a + column(s_n1, z) * z
+    x_n1 = noisy_input(x0a, noise, 1.0, s_n1)
     rng = SameRandomness(device, same_dropout)
-    denoise = lambda m, x, s: cm_denoise(m, x, s, model_kwargs, sigma_data, sigma_min, precondition, c_noise_fn)  # noqa: E731
+    denoise = functools.partial(cm_denoise, model_kwargs=model_kwargs, sigma_data=sigma_data, sigma_min=sigma_min,
+                                precondition=precondition, c_noise_fn=c_noise_fn, model_dtype=x0.dtype)
 
     with torch.no_grad():
-        if mode == "ct":
-            x_n = x0a + column(s_n, z) * z
-        else:
-            x_n = _ode_step(teacher, x_n1, s_n1, s_n, solver, teacher_kwargs)
+        x_n = noisy_input(x0a, noise, 1.0, s_n) if mode == "ct" else _ode_step(teacher, x_n1, s_n1, s_n, solver, teacher_kwargs)
         rng.replay()
         target = denoise(target_model if target_model is not None else model, x_n, s_n).detach()
 
     attack_model = inner_model(model)
     attack_ctx = (lambda: no_sync(model)) if attack_model is model else contextlib.nullcontext
 
-    def student(m, d):
+    def student(m, x):
         rng.replay()
-        return denoise(m, x_n1 if d is None else x_n1 + d, s_n1)
+        return denoise(m, x, s_n1)
+
+    def attack_loss(x_in, _delta):
+        with attack_ctx():
+            pred = student(attack_model, x_in)
+        return consistency_distance(pred, target, metric, huber_c, reduction="sum")
 
     grad = None
-    if delta is not None:
-        if delta.shape != x0.shape:
-            raise ValueError(f"delta must have the shape of x0 {tuple(x0.shape)}, got {tuple(delta.shape)}")
-    elif method != "none":
-        norm_, eps_ = opts["norm"], float(opts["eps"])
-        radius = rms_radius(eps_, x0) if (eps_mode == "rms" and norm_ == "l2") else eps_
-        if method == "pgd":
-            k = 3 if opts["steps"] is None else int(opts["steps"])
-            init = INITS[False if random_start is None else random_start]
-            step = opts["alpha"] if opts["alpha"] is not None else (0.1 if norm_ == "l2" else 2.5 * radius / max(k, 1))
-        else:
-            if opts["steps"] not in (None, 1):
-                raise ValueError(f"method='fgsm_rs' takes exactly one step, got steps={opts['steps']}")
-            k, init = 1, INITS[True if random_start is None else random_start]
-            step = opts["alpha"] if opts["alpha"] is not None else 1.25 * radius
-        delta = random_perturbation(x0, radius, norm_, init, generator, dtype=acc)
-        for _ in range(k):
-            delta = delta.detach().requires_grad_(True)
-            with attack_ctx():
-                pred = student(attack_model, delta)
-            d_sum = consistency_distance(pred, target, metric, huber_c, reduction="sum")
-            grad = input_grad(d_sum, delta, scaler)
-            delta = pgd_step(delta.detach(), grad, step, radius, norm_)
-        delta = delta.detach()
-    pred = student(model, delta)
-    per = consistency_distance(pred, target, metric, huber_c, weight=lam, reduction="none")
+    x_in = x_n1 if delta is None else x_n1 + delta
+    if plan is not None:
+        x_in = attack.first_input(x_n1, delta, plan.init == "zero", acc)
+        delta, x_in, grad = attack.ascend(attack_loss, x_n1, delta, steps=plan.steps, step_size=plan.step_size,
+                                          radius=plan.radius, norm=plan.norm, x_in=x_in, scaler=scaler,
+                                          grad_divisor=plan.grad_divisor, model_dtype=acc)
+    per = consistency_distance(student(model, x_in), target, metric, huber_c, weight=lam, reduction="none")
+    if weights is not None:
+        per = per * weights.to(per.dtype)
     loss = reduce(per, reduction)
     if not return_dict:
         return loss
@@ -235,6 +249,16 @@ def consistency_adv_loss(
         "noise": noise,
         "sigmas": sigmas,
     }
+
+
+def _check_indices(indices, batch: int, num_sigmas: int) -> torch.Tensor:
+    """[B] integers in [0, N-2] (index n pairs sigma_n with sigma_{n+1}), moved to the CPU grid."""
+    if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor of shape [B], got {getattr(indices, 'dtype', type(indices).__name__)}")
+    indices = indices.to(device="cpu", dtype=torch.long).reshape(-1)
+    if indices.numel() != batch or (batch and (int(indices.min()) < 0 or int(indices.max()) > num_sigmas - 2)):
+        raise ValueError(f"indices must be {batch} integers in [0, {num_sigmas - 2}], got {indices.tolist()[:8]}")
+    return indices
 
 
 def _cpu_gen(generator):

@@ -1,50 +1,83 @@
 """`FreeReplay`: Free-AT minibatch replay (SPEC §1, P1's "fast" loop) and its P2 and CM variants.
 
-One call of ``.step(x0)`` runs K replays of the same batch (same x0, noise and timesteps):
+One call of ``.step(x0)`` runs K replays of the same batch (same x0, noise and timesteps; x_t formed once):
 
     delta = 0 (or a random start)                     # reset for every new batch
     repeat K times:
         forward/backward once -> weight gradients AND d loss / d delta (one backward, no attack pass)
         optimizer step (GradScaler, gradient clipping, EMA and LR-scheduler hooks run per replay)
-        g = delta.grad / loss_scale
-        delta = pgd_step(delta, g, alpha, R, norm)    # L2: normalised ascent + projection; Linf: sign + clamp
+        g = delta.grad / loss_scale (/ 2^20 with at_diff_grad_scale, as AT_Diff's loop)
+        delta, x_in = pgd_step(delta, g, alpha, R, norm, model_input_base=x_t)   # next input, same pass
 
 method="p1": the P1 loss (target modes as in diffusion_adv_loss). Cost per optimizer step: 1 F + 1 Bw.
 method="p2": P2 with omega updated from the previous replay's backward (no separate attack pass): the
     step ascends the training loss's gradient in omega (sign step of ``alpha`` * r(t), default 1.25,
-    clamped to the box), starting from a uniform draw in the box. Cost: 2 F (or one 2B forward) + 1 Bw.
+    clamped to the box), starting from a uniform draw in the box. Cost: 2 F (or one 2B forward) + 1 Bw
+    (``low_memory``: + 1 F recomputed in backward, one branch graph held at a time).
 method="cm": consistency_adv_loss with the given perturbation (``loss_kwargs`` are passed to it, e.g.
     target_model, mode, teacher); the same indices and z are reused across replays. Cost: 1 F + 1 Bw
     + the no-grad target pass per replay (the EMA target moves between replays).
 
 Gradient accumulation: ``grad_accum_steps=M`` splits x0 into M micro-batches, each with its own
-perturbation; under DDP the first M-1 backwards run under ``no_sync``.
+perturbation; under DDP the first M-1 backwards run under ``no_sync``. ``weights`` (per-sample loss
+weights, e.g. importance sampling) multiply each sample's loss: the replayed loss is mean_i(w_i * loss_i).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from .._checks import check_choice, check_tensor
-from .._shapes import column
-from ..ops.perturbation import NORMS, pgd_step, random_perturbation, rms_radius
-from ..ops.losses import TARGETS, equivariance_regularizer
-from .consistency import consistency_adv_loss
-from .diffusion import P2_BETA, P2_LAMBDA, P2_R_MIN, P2_RHO, P2_STEP_FACTOR, _Batch, p2_radius, p2_weight
-from ._common import SameRandomness, draw_timesteps_noise, no_sync, p1_loss, resolve_aliases, to_epsilon
+from .._checks import check_choice, check_tensor, per_sample
+from .._shapes import column, reduce
 from ..schedules import alphas_cumprod_of
+from . import attack
+from ._common import SameRandomness, chunk_noise, draw_timesteps_noise, leaf_grad_sum, no_sync
+from ._options import (
+    check_bools,
+    check_float,
+    check_generator,
+    check_int_at_least,
+    check_model_kwargs,
+    check_p2,
+    check_scaler,
+    resolve_aliases,
+)
+from .consistency import consistency_adv_loss
+from .diffusion import (
+    P2_BETA,
+    P2_LAMBDA,
+    P2_R_MIN,
+    P2_RHO,
+    P2_STEP_FACTOR,
+    _Batch,
+    check_p2_modes,
+    p1_terms,
+    p2_schedule,
+    p2_terms,
+)
 
 FREE_METHODS = ("p1", "p2", "cm")
+
+
+class _Replayed:
+    """One micro-batch's state across replays: its batch, weights, perturbation and the model input
+    x_in = x_t + delta (P2: delta = u = s_t * omega, plus the box radius and lambda_t)."""
+
+    def __init__(self, batch: _Batch, weights, delta, x_in, plan=None, radius=None, lam_t=None):
+        self.batch, self.weights, self.delta, self.x_in = batch, weights, delta, x_in
+        self.plan, self.radius, self.lam_t = plan, radius, lam_t
 
 
 class FreeReplay:
     """Free-AT trainer: ``FreeReplay(model, optimizer, replays=3, alphas_cumprod=table).step(x0)``.
 
-    ``replays`` = K (AT_Diff alias ``adv_steps``; default 3). Arguments as in diffusion_adv_loss (eps, eps_mode, alpha, norm, random_start, target, P2's lam, beta,
-    rho, r_min, radius_fn, detach_anchor, batch_branches; AT_Diff aliases). Defaults are P1's official
-    CIFAR-10 settings: K = 3, alpha = 0.1, eps = 0.1 (rms: R = 0.1 sqrt(D)), zero init, "delta_detach".
+    ``replays`` = K (AT_Diff alias ``adv_steps``; default 3). Arguments as in diffusion_adv_loss (eps,
+    eps_mode, alpha, norm, random_start, init_mag, target, at_diff_grad_scale, learn_sigma,
+    rescale_learned_sigmas, P2's lam, beta, rho, r_min, radius_fn, detach_anchor, batch_branches,
+    low_memory; AT_Diff aliases), validated here. Defaults are P1's official CIFAR-10 settings: K = 3,
+    alpha = 0.1, eps = 0.1 (rms: R = 0.1 sqrt(D)), zero init, "delta_detach".
 
     Hooks per replay (= per optimizer step): ``scaler`` (torch.amp.GradScaler: scale, unscale the delta
     gradient, skip non-finite steps), ``max_grad_norm`` (clipping after unscale), ``ema`` (an object with
@@ -66,7 +99,8 @@ class FreeReplay:
         eps_mode: str = "rms",
         alpha: Optional[float] = None,
         norm: Optional[str] = None,
-        random_start=False,
+        random_start=None,
+        init_mag: Optional[float] = None,
         target: Optional[str] = None,
         scaler=None,
         ema=None,
@@ -81,42 +115,52 @@ class FreeReplay:
         radius_fn=None,
         detach_anchor: bool = False,
         batch_branches: bool = False,
+        low_memory: bool = False,
+        learn_sigma: bool = False,
+        rescale_learned_sigmas: bool = False,
+        at_diff_grad_scale: bool = False,
         loss_kwargs: Optional[Dict[str, Any]] = None,
         **aliases,
     ):
         check_choice("method", method, FREE_METHODS)
+        if not hasattr(optimizer, "step") or not hasattr(optimizer, "zero_grad"):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer (with step and zero_grad), got {type(optimizer).__name__}")
         if "adv_steps" in aliases:
             aliases = dict(aliases)
             k = aliases.pop("adv_steps")
             if replays is not None and replays != k:
                 raise ValueError(f"replays={replays} and its alias adv_steps={k} disagree; pass only one")
-            replays = k
-        replays = 3 if replays is None else replays
-        if isinstance(replays, bool) or not isinstance(replays, int) or replays < 1:
-            raise ValueError(f"replays must be an int >= 1, got {replays!r}")
-        if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
+            replays = check_int_at_least("adv_steps", k, 1)
+        self.replays = 3 if replays is None else check_int_at_least("replays", replays, 1)
+        self.grad_accum_steps = check_int_at_least("grad_accum_steps", grad_accum_steps, 1)
         opts = resolve_aliases(
-            {"alpha": alpha, "eps": eps, "norm": norm, "target": target},
+            {"alpha": alpha, "eps": eps, "norm": norm, "target": target, "init_mag": init_mag},
             aliases,
             {"eps": 0.1, "norm": "l2", "target": "delta_detach"},
         )
-        check_choice("norm", opts["norm"], NORMS)
-        check_choice("target", opts["target"], TARGETS)
+        check_choice("eps_mode", eps_mode, ("rms", "abs"))
+        attack.check_random_start(random_start)
+        check_scaler(scaler)
+        self.max_grad_norm = check_float("max_grad_norm", max_grad_norm, positive=True, optional=True)
+        check_bools(same_dropout=same_dropout, detach_anchor=detach_anchor, batch_branches=batch_branches,
+                    low_memory=low_memory, learn_sigma=learn_sigma, rescale_learned_sigmas=rescale_learned_sigmas,
+                    at_diff_grad_scale=at_diff_grad_scale)
+        check_p2_modes(method == "p2", opts["eps"], radius_fn, batch_branches, low_memory)
+        lam, beta, rho, r_min = check_p2(lam, beta, rho, r_min)
         if method != "cm" and (alphas_cumprod is None) == (scheduler is None):
             raise ValueError("pass exactly one of alphas_cumprod= or scheduler=")
-        self.model, self.optimizer, self.replays, self.method = model, optimizer, replays, method
+        self.model, self.optimizer, self.method = model, optimizer, method
         self.table = alphas_cumprod if alphas_cumprod is not None else scheduler
         if prediction_type is None:
             prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
+        check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction", "sample"))
         self.prediction_type = prediction_type
-        self.eps, self.eps_mode, self.norm, self.target = float(opts["eps"]), eps_mode, opts["norm"], opts["target"]
-        self.alpha = opts["alpha"]
-        self.random_start = random_start
-        self.scaler, self.ema, self.lr_scheduler = scaler, ema, lr_scheduler
-        self.grad_accum_steps, self.max_grad_norm, self.same_dropout = grad_accum_steps, max_grad_norm, same_dropout
+        self.opts, self.eps_mode, self.random_start = opts, eps_mode, random_start
+        self.at_diff_grad_scale = at_diff_grad_scale
+        self.scaler, self.ema, self.lr_scheduler, self.same_dropout = scaler, ema, lr_scheduler, same_dropout
         self.p2 = dict(lam=lam, beta=beta, rho=rho, r_min=r_min, radius_fn=radius_fn, detach_anchor=detach_anchor)
-        self.batch_branches = batch_branches
+        self.batch_branches, self.low_memory = batch_branches, low_memory
+        self.learn_sigma, self.rescale_vb = learn_sigma, rescale_learned_sigmas
         self.loss_kwargs = dict(loss_kwargs or {})
 
     # -- hooks ---------------------------------------------------------------------------------------
@@ -141,115 +185,126 @@ class FreeReplay:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
 
-    def _backward(self, loss: torch.Tensor) -> float:
-        """Backward (scaled if a scaler is on); returns the scale to divide the delta gradient by."""
+    def _backward(self, loss: torch.Tensor) -> Optional[float]:
+        """Backward (scaled if a scaler is on); returns the scale to divide the input gradients by."""
         if self.scaler is not None and self.scaler.is_enabled():
             scale = float(self.scaler.get_scale())
             self.scaler.scale(loss).backward()
             return scale
         loss.backward()
-        return 1.0
+        return None
 
     # -- one batch -----------------------------------------------------------------------------------
-    def step(self, x0: torch.Tensor, timesteps=None, noise=None, model_kwargs=None, generator=None) -> Dict[str, Any]:
-        """K replays of one batch, K optimizer steps. Returns {"losses": [K] detached losses,
-        "delta": the final perturbation(s) (a list with one tensor per micro-batch)}."""
+    def step(self, x0: torch.Tensor, timesteps=None, noise=None, model_kwargs=None, generator=None,
+             weights=None) -> Dict[str, Any]:
+        """K replays of one batch, K optimizer steps. ``weights``: per-sample loss weights [B]. Returns
+        {"losses": [K] detached losses, "delta": the final perturbation(s), a list with one tensor per
+        micro-batch (omega for P2)}. The batch's draws (timesteps and noise when not given, then the starts)
+        come from ``generator`` before the first replay; each replay's passes share one RNG state."""
         check_tensor("x0", x0)
+        check_generator(generator)
+        model_kwargs = check_model_kwargs(model_kwargs)
         m = self.grad_accum_steps
         if x0.shape[0] % m:
             raise ValueError(f"batch size {x0.shape[0]} is not divisible by grad_accum_steps={m}")
+        weights = per_sample("weights", weights, x0.shape[0], x0.device, nonnegative=True)
         if self.method == "cm":
-            return self._step_cm(x0, noise, model_kwargs, generator)
+            return self._step_cm(x0, noise, model_kwargs, generator, weights)
         timesteps, noise = draw_timesteps_noise(x0, timesteps, noise, alphas_cumprod_of(self.table).numel(), generator)
-        chunks = [
-            _Batch(self.model, xc, tc, nc, self.table, self.prediction_type, _chunk_kwargs(model_kwargs, i, m, x0.shape[0]),
-                   generator, self.same_dropout)
-            for i, (xc, tc, nc) in enumerate(zip(x0.chunk(m), timesteps.chunk(m), noise.chunk(m)))
+        weight_chunks = weights.chunk(m) if isinstance(weights, torch.Tensor) else [weights] * m
+        states = [
+            self._start(_Batch(self.model, xc, tc, nc, self.table, self.prediction_type,
+                               _chunk_kwargs(model_kwargs, i, m, x0.shape[0]), generator, self.same_dropout,
+                               self.learn_sigma, self.rescale_vb), wc, generator)
+            for i, (xc, tc, nc, wc) in enumerate(zip(x0.chunk(m), timesteps.chunk(m), chunk_noise(noise, m, x0),
+                                                     weight_chunks))
         ]
-        perturb = [self._init(b, generator) for b in chunks]
         losses = []
         for _ in range(self.replays):
             self.optimizer.zero_grad(set_to_none=True)
             total = 0.0
             grads = []
-            for i, (b, (d, radius)) in enumerate(zip(chunks, perturb)):
-                b.rng = SameRandomness(b.x0.device, self.same_dropout)
-                d = d.detach().requires_grad_(True)
+            for i, state in enumerate(states):
+                state.batch.rng = SameRandomness(x0.device, self.same_dropout)
+                x_leaf = state.x_in.detach().requires_grad_(True)
+                d_leaf = state.delta.detach().requires_grad_(True)
                 sync = contextlib.nullcontext() if i == m - 1 else no_sync(self.model)
                 with sync:
-                    loss = self._loss(b, d, radius) / m
+                    loss = self._loss(state, x_leaf, d_leaf) / m
                     scale = self._backward(loss)
-                grads.append(d.grad / scale)
+                grads.append(leaf_grad_sum((x_leaf.grad, d_leaf.grad), d_leaf, scale))
                 total = total + loss.detach()
             self._optimizer_step()
             losses.append(total)
-            perturb = [(self._ascend(d, g, radius), radius) for (d, radius), g in zip(perturb, grads)]
-        return {"losses": losses, "delta": [d for d, _ in perturb]}
+            for state, g in zip(states, grads):
+                self._ascend(state, g)
+        if self.method == "p2":
+            return {"losses": losses, "delta": [s.delta / column(s.batch.sigma, s.delta) for s in states]}
+        return {"losses": losses, "delta": [s.delta for s in states]}
 
-    def _init(self, b: _Batch, generator):
+    def _plan(self, like: torch.Tensor) -> attack.AttackPlan:
+        o = self.opts
+        return attack.AttackPlan.resolve("free", like, eps=o["eps"], eps_mode=self.eps_mode, norm=o["norm"],
+                                         alpha=o["alpha"], random_start=self.random_start, init_mag=o["init_mag"],
+                                         at_diff_grad_scale=self.at_diff_grad_scale)
+
+    def _start(self, b: _Batch, weights, generator) -> _Replayed:
         if self.method == "p1":
-            radius = rms_radius(self.eps, b.x0) if (self.eps_mode == "rms" and self.norm == "l2") else self.eps
-            init = {True: "uniform", False: "zero"}.get(self.random_start, self.random_start)
-            return random_perturbation(b.x0, radius, self.norm, init, generator, dtype=b.pdtype), radius
+            plan = self._plan(b.x0)
+            delta = plan.start(b.x0, generator, b.pdtype)
+            return _Replayed(b, weights, delta, attack.first_input(b.x_t, delta, plan.init == "zero", b.model_dtype), plan)
         p = self.p2
-        radius = p["radius_fn"](b.sigma) if p["radius_fn"] is not None else p2_radius(b.sigma, self.eps, p["rho"], p["r_min"])
-        radius = radius.to(b.pdtype)
-        return random_perturbation(b.x0, radius, "linf", "uniform", generator, dtype=b.pdtype), radius
+        radius, lam_t = p2_schedule(b, self.opts["eps"], p["rho"], p["r_min"], p["radius_fn"], p["lam"], p["beta"])
+        u = attack.draw_start(b.x0, b.sigma * radius, "linf", "uniform", generator, b.pdtype)
+        return _Replayed(b, weights, u, attack.first_input(b.x_t, u, False, b.model_dtype), None, radius, lam_t)
 
-    def _loss(self, b: _Batch, d: torch.Tensor, radius) -> torch.Tensor:
+    def _loss(self, state: _Replayed, x_in: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        b = state.batch
         if self.method == "p1":
-            pred = b.forward(b.x_t(d))
-            return p1_loss(pred, b.base, b.scale, d, self.target, reduction="mean")
-        # P2 with the gradient of the training loss in omega (d is omega here).
-        p, pt = self.p2, b.prediction_type
-        x_clean = b.x_t()
-        x_pert = b.x_t(column(b.sigma, d) * d)
-        if self.batch_branches:
-            pred_clean, pred_pert = b.forward_pair(x_clean, x_pert)
-        else:
-            pred_clean = b.forward(x_clean)
-            pred_pert = b.forward(x_pert)
-        mse = p1_loss(pred_clean, b.base, None, None, "original")
-        reg = equivariance_regularizer(
-            to_epsilon(pred_pert, x_pert, b.alpha, b.sigma, pt),
-            to_epsilon(pred_clean, x_clean, b.alpha, b.sigma, pt),
-            d,
-            p2_weight(radius, p["lam"], p["beta"]),
-            p["detach_anchor"],
-            "equivariant",
-            "none",
-        )
-        return (mse + reg).mean()
+            mse, vb = p1_terms(b, x_in, delta, self.opts["target"])
+            per = mse + vb
+        else:  # P2 with the gradient of the training loss in u = s_t * omega (delta here)
+            p = self.p2
+            mse, reg, vb = p2_terms(b, delta, x_in, state.lam_t, detach_anchor=p["detach_anchor"],
+                                    batch_branches=self.batch_branches, low_memory=self.low_memory)
+            per = mse + reg + vb
+        if state.weights is not None:
+            per = per * column(state.weights, per)
+        return reduce(per, "mean")
 
-    def _ascend(self, d, g, radius):
-        if self.method in ("p1", "cm"):
-            step = self.alpha if self.alpha is not None else (0.1 if self.norm == "l2" else radius / 4)
-            return pgd_step(d.detach(), g, step, radius, self.norm)
-        factor = P2_STEP_FACTOR if self.alpha is None else float(self.alpha)
-        return pgd_step(d.detach(), g, factor * radius, radius, "linf")
+    def _ascend(self, state: _Replayed, g: torch.Tensor) -> None:
+        b = state.batch
+        if self.method == "p1":
+            plan = state.plan
+            state.delta, state.x_in = attack.step(state.delta, g, plan.step_size, plan.radius, plan.norm, b.x_t,
+                                                  b.model_dtype, plan.grad_divisor)
+            return
+        factor = P2_STEP_FACTOR if self.opts["alpha"] is None else float(self.opts["alpha"])
+        u_radius = b.sigma * state.radius
+        state.delta, state.x_in = attack.step(state.delta, g, factor * u_radius, u_radius, "linf", b.x_t, b.model_dtype)
 
-    def _step_cm(self, x0, noise, model_kwargs, generator):
+    def _step_cm(self, x0, noise, model_kwargs, generator, weights):
+        """Draws: the start first, then (in the first replay's loss call) the indices and noise."""
         kw = dict(self.loss_kwargs)
         target_model = kw.pop("target_model", None)
-        radius = rms_radius(self.eps, x0) if (self.eps_mode == "rms" and self.norm == "l2") else self.eps
-        init = {True: "uniform", False: "zero"}.get(self.random_start, self.random_start)
         acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
-        delta = random_perturbation(x0, radius, self.norm, init, generator, dtype=acc)
+        plan = self._plan(x0)
+        delta = plan.start(x0, generator, acc)
         indices = kw.pop("indices", None)
-        losses = []
+        losses: List[torch.Tensor] = []
         for _ in range(self.replays):
             self.optimizer.zero_grad(set_to_none=True)
             d = delta.detach().requires_grad_(True)
             out = consistency_adv_loss(
                 self.model, target_model, x0, delta=d, indices=indices, noise=noise, model_kwargs=model_kwargs,
-                generator=generator, return_dict=True, same_dropout=self.same_dropout, **kw,
+                generator=generator, return_dict=True, same_dropout=self.same_dropout, weights=weights, **kw,
             )
             indices, noise = out["indices"], out["noise"]
             scale = self._backward(out["loss"])
-            g = d.grad / scale
+            g = leaf_grad_sum((d.grad,), d, scale)
             self._optimizer_step()
             losses.append(out["loss"].detach())
-            delta = self._ascend(d, g, radius)
+            delta, _ = attack.step(d.detach(), g, plan.step_size, plan.radius, plan.norm, None, acc, plan.grad_divisor)
         return {"losses": losses, "delta": [delta]}
 
 
