@@ -34,7 +34,9 @@ class Progress:
             except ImportError:
                 tqdm = None
             if tqdm is not None:
+                tty = hasattr(self.stream, "isatty") and self.stream.isatty()
                 self.bar = tqdm(total=round(self.total), unit=unit, file=self.stream, dynamic_ncols=True,
+                                mininterval=0.5 if tty else 10.0,
                                 bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
 
     def start_task(self, label: str) -> None:

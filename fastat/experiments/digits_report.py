@@ -5,6 +5,8 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import torch
+
 from .stats import paired_difference, verdict
 
 METRICS = ("fid", "sw2", "resid", "conf")
@@ -79,6 +81,12 @@ def markdown(payload: Dict) -> str:
         "",
         LEGEND,
         "",
+    ]
+    busy = max(x for x in (env["load_average_at_start"], env["load_average_at_end"], 0.0) if x is not None)
+    if busy > 1.5:
+        lines += [f"Note: the machine was loaded (1-min load average up to {busy:.1f} on {env['cpu_count']} cores), so "
+                  "the per-step time ratio behind standard_eqtime (equal wall clock) is rough.", ""]
+    lines += [
         "Floors (real images scored like samples, same count):",
         "",
         "| images | " + " | ".join(METRICS) + " |",
@@ -122,9 +130,10 @@ def figure(mosaics: Dict, payload: Dict, path: Path) -> Optional[Path]:
     rows = [(setting, name, imgs) for setting, per in mosaics.items() for name, imgs in per.items()]
     if not rows:
         return None
-    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 0.75 * len(rows) + 0.8), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.6 * len(rows) + 0.6), squeeze=False)
     for ax, (setting, name, imgs) in zip(axes[:, 0], rows):
         tiles = imgs.reshape(-1, 8, 8)[:16].clamp(-1, 1)
+        tiles = torch.nn.functional.pad(tiles, (0, 1), value=-1.0)  # a blank column between images
         strip = tiles.permute(1, 0, 2).reshape(8, -1).numpy()
         ax.imshow(strip, cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
         ax.set_xticks([])
