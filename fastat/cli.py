@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma list of clean,noisy,outliers,clean16,noisy16 or 'all' (default clean,noisy16)")
     demo.add_argument("--methods", default=None,
                       help="comma list of " + ",".join(METHOD_NAMES) + " or 'all', run in every setting (default: "
-                      "standard,ft_replay,ft_p1_free on clean data; standard,p2_random,p2_adversarial on corrupted data)")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per model trained from scratch (default 3000)")
+                      "standard,ft_replay,ft_p1_free on clean data; standard,p2_adversarial on corrupted data)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per model trained from scratch (default 4000)")
     demo.add_argument("--ft-steps", type=int, default=None, help="fine-tuning optimizer steps of the ft_* methods (default 600)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--p2-scale", type=float, default=None, help="P2 radius scale: r(t) = max(8/255, scale sigma_t^2) (default 1.0)")

@@ -77,7 +77,7 @@ def test_mlp_denoiser_shapes_and_embedding():
 
 def test_plan_defaults_control_and_errors():
     assert plan(None, None) == {"clean": ["standard", "ft_replay", "ft_p1_free"],
-                                "noisy16": ["standard", "p2_random", "p2_adversarial"]}
+                                "noisy16": ["standard", "p2_adversarial"]}
     assert plan("ft_p1_pgd", "noisy") == {"noisy": ["standard", "ft_p1_pgd", "ft_replay"]}
     assert plan("all", "outliers")["outliers"] == list(METHODS)
     with pytest.raises(ValueError, match="methods"):
@@ -129,7 +129,7 @@ def test_demo_quick_default_plan_writes_files_with_finite_numbers(tmp_path, caps
     data = json.loads((out / "demo.json").read_text())
     assert set(data["results"]) == {"clean", "noisy16"}
     assert set(data["results"]["clean"]) == {"standard", "ft_replay", "ft_p1_free", "exact"}
-    assert set(data["results"]["noisy16"]) == {"standard", "p2_random", "p2_adversarial", "exact", "oracle_corrupted"}
+    assert set(data["results"]["noisy16"]) == {"standard", "p2_adversarial", "exact", "oracle_corrupted"}
     assert (out / "demo.png").stat().st_size > 10000 and (out / "demo.md").read_text().count("| standard |") == 2
     for setting, rows in data["results"].items():
         for method, row in rows.items():

@@ -11,7 +11,7 @@ Settings (training data; every model is scored against the *clean* distribution)
 
 Default run (fits 2 minutes on a 2-core CPU): `clean` with standard training and P1 as fine-tuning of the
 converged standard model (Free-AT at the official ||delta||/||eps|| ratio, against the replay control with
-delta = 0), and `noisy16` with standard training and P2 (random and adversarial). `--methods` runs the given
+delta = 0), and `noisy16` with standard training and P2 adversarial. `--methods` runs the given
 methods in every chosen setting (fastat.demo.train lists them). Reference rows: `exact` (the clean distribution's
 exact denoiser) and, for the noisy settings, `oracle_corrupted` (the exact denoiser of the corrupted training
 distribution: the best a model fit to that data can do). Writes demo.json, demo.md and demo.png to `out`.
@@ -43,7 +43,7 @@ SETTINGS = {
 }
 DEFAULT_SETTINGS = ("clean", "noisy16")
 DEFAULT_METHODS = {"clean": ("standard", "ft_replay", "ft_p1_free"),
-                   "corrupted": ("standard", "p2_random", "p2_adversarial")}
+                   "corrupted": ("standard", "p2_adversarial")}
 FEW_STEPS = (5, 10, 20)
 REFERENCE_ROWS = ("exact", "oracle_corrupted")
 
@@ -144,7 +144,7 @@ def run_demo(
 ) -> Dict:
     """Run the demo (see the module docstring) and return its results dict (also written to out/demo.json).
 
-    methods / settings: see plan(); steps: optimizer steps per scratch model (default 3000, --quick 60);
+    methods / settings: see plan(); steps: optimizer steps per scratch model (default 4000, --quick 60);
     ft_steps: fine-tuning optimizer steps (default 600, --quick 30); radius: evaluation perturbation radius r
     (L2, R = r sqrt(D)); threads: CPU threads (default 1: an MLP step is overhead-bound); lr, batch: Adam
     learning rate and batch size; p2_scale / p2_bias: P2's radius r(t) = max(8/255, scale sigma_t^2) ("floor")

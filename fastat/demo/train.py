@@ -50,7 +50,7 @@ CONTROL = "ft_replay"
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000          # optimizer steps per scratch model
+    steps: int = 4000          # optimizer steps per scratch model
     batch: int = 256
     lr: float = 3e-3           # Adam, cosine decay to 2% over `steps`
     hidden: int = 192
