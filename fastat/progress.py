@@ -53,10 +53,15 @@ class Progress:
     def advance(self, units: float) -> None:
         self.done += units
         if self.bar is not None:
+            if self.done > self.bar.total:  # the work was underestimated: grow the total, keep the bar honest
+                self.bar.total = round(self.done)
             self.bar.update(round(self.done) - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
+            if self.bar.n < self.bar.total:  # overestimated: finish at 100%
+                self.bar.total = self.bar.n
+                self.bar.refresh()
             self.bar.close()
             self.bar = None
 

@@ -29,6 +29,8 @@ def test_tqdm_bar_counts_units_and_shows_the_task():
         assert bar.bar is not None and bar.bar.n == 4
         bar.advance(5.6)
         assert bar.bar.n == 10
+        bar.advance(2)  # more work than announced: the total grows
+        assert bar.bar.n == bar.bar.total == 12
     assert "run 1/3: a" in out.getvalue() and bar.bar is None
 
 
