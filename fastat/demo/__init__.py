@@ -201,6 +201,7 @@ def _run(todo, cfg, sizes, dev, out_dir, radius, progress, stream, command, quic
     from .report import format_markdown, format_table, make_figure, write_json
 
     t_start, cpu_start, load_start = time.perf_counter(), time.process_time(), _load()
+    commit = git_commit()  # the code that runs: taken before any result exists
     ab = ddpm_linear_alphas_cumprod(1000)
     eval_kw = dict(radius=radius, few_steps=FEW_STEPS, sample_steps=sizes["sample_steps"],
                    w2_points=sizes["w2_points"], mmd_points=sizes["mmd_points"], attack_points=sizes["attack_points"])
@@ -253,7 +254,7 @@ def _run(todo, cfg, sizes, dev, out_dir, radius, progress, stream, command, quic
                    f"treat them as rough" if busy > 1.5 else None)
     payload = {
         "command": command or "fastat.demo.run_demo(...)",
-        "commit": git_commit(),
+        "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": {
             "device": str(dev),

@@ -214,6 +214,7 @@ def _run(cfg: DigitsConfig, dev, out_dir: Path, quick: bool, progress: bool, str
     from .image_metrics import ImageMetrics, train_classifier
 
     t_start, cpu_start = time.perf_counter(), os.times()
+    commit = git_commit()  # the code that runs: taken before any result exists
     load_start = _load()
     data = load_digits_split(dev)
     ab = ddpm_linear_alphas_cumprod(1000)
@@ -282,7 +283,7 @@ def _run(cfg: DigitsConfig, dev, out_dir: Path, quick: bool, progress: bool, str
                  for row in rows.values() for per in row["metrics"].values() for v in per.values())
     payload = {
         "command": command or "fastat.experiments.digits.run_digits(...)",
-        "commit": git_commit(),
+        "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": {
             "device": str(dev),
