@@ -1,10 +1,14 @@
-"""Command line: `fastat info`, `fastat demo`, `fastat bench` (also `python -m fastat ...`)."""
+"""Command line: `fastat info`, `fastat demo`, `fastat experiment digits`, `fastat bench` (also `python -m fastat ...`)."""
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
 from typing import List, Optional
+
+# The demo's method names, for --help (kept here so that `fastat --help` imports no training code).
+METHOD_NAMES = ("standard", "ddpm_ip", "p1_pgd", "p1_free", "p2_random", "p2_adversarial", "ft_replay", "ft_p1_free",
+                "ft_p1_pgd")
 
 
 def _info(_args: argparse.Namespace) -> int:
@@ -40,9 +44,23 @@ def _demo(args: argparse.Namespace) -> int:
 
     result = run_demo(methods=args.methods, settings=args.settings, steps=args.steps, seed=args.seed,
                       device=args.device, out=args.out, quick=args.quick, radius=args.radius, threads=args.threads,
-                      lr=args.lr, batch=args.batch,
-                      command="fastat " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else None)
+                      lr=args.lr, batch=args.batch, ft_steps=args.ft_steps, p2_scale=args.p2_scale,
+                      p2_bias=args.p2_bias, p1_alpha_mode=args.p1_alpha_mode, progress=not args.no_progress,
+                      command=_command("demo"))
     return 0 if all(row.get("finite", False) for rows in result["results"].values() for row in rows.values()) else 1
+
+
+def _command(name: str) -> Optional[str]:
+    """The command line as typed, for the results files (None when main() was called with other argv)."""
+    return "fastat " + " ".join(sys.argv[1:]) if sys.argv[1:2] == [name] else None
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from .experiments.digits import run_digits
+
+    result = run_digits(quick=args.quick, seeds=args.seeds, device=args.device, out=args.out, threads=args.threads,
+                        progress=not args.no_progress, command=_command("experiment"))
+    return 0 if result["finite"] else 1
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -57,30 +75,54 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import fastat
+
     parser = argparse.ArgumentParser(prog="fastat", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fastat {fastat.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="versions, devices, available backends and built extensions")
     info.set_defaults(run=_info)
 
-    demo = commands.add_parser("demo", help="adversarial training on an embedded 2-D mixture: table, JSON and PNG (no download)")
+    demo = commands.add_parser(
+        "demo", help="adversarial training on Gaussian-mixture data with a closed-form denoiser: table, JSON, PNG (no download)")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default 450; --quick 40)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--settings", default=None,
+                      help="comma list of clean,noisy,outliers,clean16,noisy16 or 'all' (default clean,noisy16)")
     demo.add_argument("--methods", default=None,
-                      help="comma list of standard,ddpm_ip,p1_pgd,p1_free,p2_random,p2_adversarial (default all)")
-    demo.add_argument("--settings", default=None, help="comma list of clean,noisy,outliers (default all)")
+                      help="comma list of " + ",".join(METHOD_NAMES) + " or 'all', run in every setting (default: "
+                      "standard,ft_replay,ft_p1_free on clean data; standard,p2_adversarial on corrupted data)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per model trained from scratch (default 4000)")
+    demo.add_argument("--ft-steps", type=int, default=None, help="fine-tuning optimizer steps of the ft_* methods (default 600)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--p2-scale", type=float, default=None, help="P2 radius scale: r(t) = max(8/255, scale sigma_t^2) (default 1.0)")
+    demo.add_argument("--p2-bias", choices=("floor", "random"), default=None,
+                      help="P2 radius floor: max(8/255, .) or a random bias U[8/255, 16/255] added (default floor)")
+    demo.add_argument("--p1-alpha-mode", choices=("cifar_ratio", "abs"), default=None,
+                      help="P1 step: official alpha 0.1 scaled to the official ||delta||/||eps|| (cifar_ratio, default) or absolute")
     demo.add_argument("--radius", type=float, default=0.1, help="evaluation perturbation radius r (L2, R = r sqrt(D))")
     demo.add_argument("--threads", type=int, default=None, help="CPU threads (default 1)")
-    demo.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-2, cosine decay)")
-    demo.add_argument("--batch", type=int, default=None, help="batch size (default 1024)")
+    demo.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 3e-3, cosine decay)")
+    demo.add_argument("--batch", type=int, default=None, help="batch size (default 256)")
     demo.add_argument("--out", default="fastat_demo_out", help="output folder (default ./fastat_demo_out)")
     demo.add_argument("--quick", action="store_true", help="tiny settings for a smoke run (seconds)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
+
+    experiment = commands.add_parser("experiment", help="longer experiments with statistics over seeds")
+    which = experiment.add_subparsers(dest="experiment", required=True)
+    digits = which.add_parser("digits", help="P1 and P2 on scikit-learn's 8x8 digits (needs the [digits] extra)")
+    digits.add_argument("--quick", action="store_true", help="1 seed, short training: a check that it runs (<= 3 min)")
+    digits.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; --quick 1)")
+    digits.add_argument("--device", default="cpu", help="cpu or cuda (cuda: a larger model, longer training)")
+    digits.add_argument("--threads", type=int, default=None, help="CPU threads (default 1)")
+    digits.add_argument("--out", default="fastat_digits_out", help="output folder (default ./fastat_digits_out)")
+    digits.add_argument("--no-progress", action="store_true", help="no progress bar")
+    digits.set_defaults(run=_experiment)
 
     bench = commands.add_parser("bench", help="op and step benchmarks for this machine's backends: JSON, markdown, PNG")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if visible, else cpu)")
     bench.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions, no torch.compile")
-    bench.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
+    bench.add_argument("--out", default="fastat_bench_out", help="output folder (default ./fastat_bench_out)")
     bench.add_argument("--suites", default="ops,steps", help="comma list of ops,steps (default both)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     bench.add_argument("--threads", type=int, default=None,

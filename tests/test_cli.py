@@ -47,3 +47,18 @@ def test_cli_needs_a_command(capsys):
         cli.main(["--help"])
     assert exc.value.code == 0
     assert "info" in capsys.readouterr().out
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastat {fastat.__version__}"
+
+
+def test_subcommand_defaults_write_outside_the_source_tree():
+    parser = cli.build_parser()
+    for argv in (["demo"], ["bench"], ["experiment", "digits"]):
+        out = parser.parse_args(argv).out
+        assert not out.startswith(("benchmarks", "fastat/", "/")), (argv, out)
+    assert cli.main(["experiment", "digits", "--seeds", "0"]) == 2

@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import subprocess
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -138,8 +139,18 @@ def markdown(meta: Dict, rows: List[Dict]) -> str:
     return "\n".join(out)
 
 
+def _log_axis(axis, unit: str, scale: float = 1.0) -> None:
+    """Log axis with labels only at 1, 2, 5 x 10^k (in `unit` after dividing by `scale`): no crowded minor labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / scale:g}{unit}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot(meta: Dict, rows: List[Dict], path: Path) -> Optional[Path]:
-    """Achieved GB/s vs bytes moved, one panel per op case, roofline = measured copy bandwidth."""
+    """Op panels (achieved GB/s vs MB moved per provider, roofline = measured copy bandwidth) and one panel per step
+    case (time per optimizer step relative to the eager standard step, per method and provider)."""
     try:
         import matplotlib
 
@@ -148,28 +159,54 @@ def plot(meta: Dict, rows: List[Dict], path: Path) -> Optional[Path]:
     except ImportError:
         return None
     ops = [r for r in rows if r.get("suite") == "ops" and "gbps" in r]
+    steps = [r for r in rows if r.get("suite") == "steps" and "ratio_vs_standard" in r]
     cases = list(dict.fromkeys(r["case"] for r in ops))
-    if not cases:
+    step_cases = list(dict.fromkeys(r["case"] for r in steps))
+    panels = len(cases) + len(step_cases)
+    if not panels:
         return None
-    ncol = min(3, len(cases))
-    nrow = (len(cases) + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
+    ncol = min(3, panels)
+    nrow = (panels + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.4 * ncol, 3.4 * nrow), squeeze=False)
     roof = meta.get("copy", {}).get("gbps")
-    for ax, case in zip(axes.flat, cases):
+    flat = list(axes.flat)
+    for ax, case in zip(flat, cases):
         case_rows = [r for r in ops if r["case"] == case]
         for i, p in enumerate(dict.fromkeys(r["provider"] for r in case_rows)):
             pts = sorted((r["bytes"], r["gbps"]) for r in case_rows if r["provider"] == p)
             ax.loglog([b for b, _ in pts], [g for _, g in pts], "o-", color=f"C{i}", label=p, ms=3)
         if roof:
             ax.axhline(roof, color="k", ls="--", lw=1, label=f"copy {roof:.0f} GB/s")
-        ax.set_title(case, fontsize=9)
-        ax.set_xlabel("bytes moved", fontsize=8)
-        ax.set_ylabel("GB/s", fontsize=8)
+        _log_axis(ax.xaxis, " MB", 1e6)
+        _log_axis(ax.yaxis, "")
+        ax.set_title(f"op: {case}", fontsize=9)
+        ax.set_xlabel("bytes moved per call (MB, read + written)", fontsize=8)
+        ax.set_ylabel("achieved GB/s", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(cases):]:
+    for ax, case in zip(flat[len(cases):], step_cases):
+        case_rows = [r for r in steps if r["case"] == case]
+        methods = list(dict.fromkeys(r["method"] for r in case_rows))
+        providers = list(dict.fromkeys(r["provider"] for r in case_rows))
+        width = 0.8 / len(providers)
+        for i, p in enumerate(providers):
+            vals = {r["method"]: r["ratio_vs_standard"] for r in case_rows if r["provider"] == p}
+            ys = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(methods))]
+            ax.barh(ys, [vals.get(m, float("nan")) for m in methods], height=width, color=f"C{i}", label=p)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_yticks(range(len(methods)))
+        ax.set_yticklabels(methods, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"training step: {case}", fontsize=9)
+        ax.set_xlabel("time per optimizer step / eager standard step", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.legend(fontsize=6)
+    for ax in flat[panels:]:
         ax.axis("off")
-    fig.suptitle(f"{meta['device_name']}  torch {meta['torch']}  {meta['date'][:10]}", fontsize=9)
+    title = f"{meta['device_name']}  torch {meta['torch']}  {meta['date'][:10]}"
+    if meta.get("note"):
+        title += "\n" + "\n".join(textwrap.wrap(str(meta["note"]), width=int(40 * ncol)))
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

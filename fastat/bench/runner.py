@@ -2,13 +2,15 @@
 
     run(device, quick, out_dir, suites) -> {"json", "md", "png", "rows", "meta"}
 
-Files: <out_dir>/<device>-<date>[-quick].json/.md/.png, <device> = "cpu" or the GPU's name. The "steps" suite
+Files: <out_dir>/<device>-<date>[-quick].json/.md/.png (default out_dir ./fastat_bench_out; the repository's
+committed results are written with --out benchmarks/results), <device> = "cpu" or the GPU's name. The "steps" suite
 comes from fastat.bench.steps.run_step_benchmarks(device, quick=...) when that module exists.
 """
 from __future__ import annotations
 
 import datetime
 import importlib
+import inspect
 import sys
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
@@ -34,8 +36,9 @@ def _step_rows(device, quick: bool, log: Callable[[str], None]):
         return None, "fastat.bench.steps is not present in this fastat"
     if not hasattr(steps, "run_step_benchmarks"):
         return None, "fastat.bench.steps has no run_step_benchmarks"
+    takes_log = "log" in inspect.signature(steps.run_step_benchmarks).parameters
     try:
-        result = steps.run_step_benchmarks(device, quick=quick)
+        result = steps.run_step_benchmarks(device, quick=quick, **({"log": log} if takes_log else {}))
     except Exception as exc:  # a failing suite must not lose the other suite's results
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
         return None, f"run_step_benchmarks failed: {type(exc).__name__}: {first}"
@@ -48,7 +51,10 @@ def _step_rows(device, quick: bool, log: Callable[[str], None]):
     return out, None
 
 
-def run(device: str = "cpu", quick: bool = False, out_dir: str = "benchmarks/results",
+DEFAULT_OUT = "fastat_bench_out"  # in the working directory: never inside the installed package or the source tree
+
+
+def run(device: str = "cpu", quick: bool = False, out_dir: str = DEFAULT_OUT,
         suites: Optional[Iterable[str]] = None, log: Callable[[str], None] = _log,
         note: Optional[str] = None, compile: Optional[bool] = None, threads: Optional[int] = None) -> Dict:
     """Run the suites on `device` and write the result files; returns their paths, the rows and the meta.
@@ -88,7 +94,7 @@ def _run(device, quick, out_dir, suites, log, note, compile, run_op_benchmarks) 
         meta.update(copy=ops["copy"], providers=ops["providers"])
         meta["skipped"].update(ops["skipped"])
     if "steps" in suites:
-        log("steps suite")
+        log(f"steps suite on {meta['device_name']}{' (quick)' if quick else ''}")
         step_rows, why = _step_rows(dev, quick, log)
         if step_rows is None:
             meta["skipped"]["steps"] = why

@@ -232,10 +232,17 @@ def run_case(spec: dict, device: torch.device, quick: bool, reps: Optional[int] 
     return rows
 
 
-def run_step_benchmarks(device, *, quick: bool) -> List[dict]:
-    """All step cases on `device` ("cpu" or "cuda"); `quick` shrinks sizes and repetitions (CI smoke)."""
+def run_step_benchmarks(device, *, quick: bool, log: Optional[Callable[[str], None]] = None) -> List[dict]:
+    """All step cases on `device` ("cpu" or "cuda"); `quick` shrinks sizes and repetitions (CI smoke);
+    `log` gets one line per case ("case k/N ...") and its per-method ratios."""
     device = torch.device(device)
     rows: List[dict] = []
-    for spec in _cases(device, quick):
-        rows.extend(run_case(spec, device, quick))
+    cases = list(_cases(device, quick))
+    for i, spec in enumerate(cases, start=1):
+        if log is not None:
+            log(f"  case {i}/{len(cases)}: {spec['case']} (batch {spec['shape'][0]})")
+        case_rows = run_case(spec, device, quick)
+        if log is not None:
+            log("    " + "  ".join(f"{r['provider']}/{r['method']} {r['ratio_vs_standard']:.2f}x" for r in case_rows))
+        rows.extend(case_rows)
     return rows

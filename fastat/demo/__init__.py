@@ -1,12 +1,20 @@
-"""`fastat demo`: adversarial training of a small diffusion model on an embedded 2-D Gaussian mixture, no download.
+"""`fastat demo`: adversarial training of small diffusion models on Gaussian-mixture data whose exact denoiser is
+closed form, no download.
 
-For each data setting (clean; "noisy": 90% of the training points with added Gaussian noise; "outliers":
-10% of the points replaced by far-away uniform draws) and each method (standard, DDPM-IP, P1 PGD and
-Free-AT, P2 random and adversarial), train one MLP eps-denoiser with fastat's training API, then measure
-it against the *clean* mixture, whose exact denoiser eps* is closed form (see fastat.demo.mixture):
-denoiser error at clean, randomly and adversarially perturbed x_t, sample quality (sliced W2, W2, MMD),
-few-step DDIM error, a sampler attack, memorisation, and the time per optimizer step relative to standard.
-Writes demo.json, demo.md and demo.png to `out`.
+Settings (training data; every model is scored against the *clean* distribution):
+    clean       8-component 2-D Gaussian ring
+    noisy       the 2-D ring, 90% of the training points + N(0, 0.2^2 I)
+    outliers    the 2-D ring, 10% of the points replaced by uniform draws in [-4, 4]^2
+    clean16     the ring embedded in a 2-D plane of R^16 (random orthonormal basis)
+    noisy16     the embedded ring, 90% of the points + N(0, 0.2^2 I_16): the corruption has 14 directions off the
+                data's plane, the setting of P2's low-dimensional tests (the 2-D "noisy" only widens the clusters)
+
+Default run (fits 2 minutes on a 2-core CPU): `clean` with standard training and P1 as fine-tuning of the
+converged standard model (Free-AT at the official ||delta||/||eps|| ratio, against the replay control with
+delta = 0), and `noisy16` with standard training and P2 adversarial. `--methods` runs the given
+methods in every chosen setting (fastat.demo.train lists them). Reference rows: `exact` (the clean distribution's
+exact denoiser) and, for the noisy settings, `oracle_corrupted` (the exact denoiser of the corrupted training
+distribution: the best a model fit to that data can do). Writes demo.json, demo.md and demo.png to `out`.
 """
 from __future__ import annotations
 
@@ -16,67 +24,100 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
 from .._backend import get_backend
-from .mixture import CORRUPTIONS, ExactDenoiser, GaussianMixture, corrupt, ring_mixture
+from .mixture import ExactDenoiser, GaussianMixture, corrupt, noisy_mixture, ring_mixture
 from .models import MLPDenoiser
-from .train import METHODS, TrainConfig, time_steps, train_method
+from .train import CONTROL, FINETUNE_P1, METHODS, P1_METHODS, P2_METHODS, TrainConfig, time_steps, train_method, work_units
 
 SETTINGS = {
-    "clean": "training data = clean mixture samples",
-    "noisy": "90% of the training points + N(0, 0.2^2 I) noise",
-    "outliers": "10% of the training points replaced by uniform draws in [-4, 4]^2",
+    "clean": {"dim": 2, "corruption": "clean", "about": "training data = clean 2-D ring samples"},
+    "noisy": {"dim": 2, "corruption": "noisy", "about": "2-D ring, 90% of the training points + N(0, 0.2^2 I)"},
+    "outliers": {"dim": 2, "corruption": "outliers", "about": "2-D ring, 10% of the points -> uniform in [-4, 4]^2"},
+    "clean16": {"dim": 16, "corruption": "clean", "about": "ring on a 2-D plane of R^16, clean"},
+    "noisy16": {"dim": 16, "corruption": "noisy",
+                "about": "ring on a 2-D plane of R^16, 90% of the points + N(0, 0.2^2 I_16) (off-plane noise)"},
 }
+DEFAULT_SETTINGS = ("clean", "noisy16")
+DEFAULT_METHODS = {"clean": ("standard", "ft_replay", "ft_p1_free"),
+                   "corrupted": ("standard", "p2_adversarial")}
 FEW_STEPS = (5, 10, 20)
+REFERENCE_ROWS = ("exact", "oracle_corrupted")
 
 __all__ = ["run_demo", "METHODS", "SETTINGS", "GaussianMixture", "ExactDenoiser", "MLPDenoiser", "ring_mixture",
-           "corrupt", "TrainConfig"]
+           "corrupt", "noisy_mixture", "TrainConfig"]
 
 
 def _parse(names, allowed, what):
     if names is None:
-        return list(allowed)
+        return None
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
+    if list(names) == ["all"]:
+        return list(allowed)
     bad = [n for n in names if n not in allowed]
     if bad or not names:
-        raise ValueError(f"{what} must be a non-empty subset of {tuple(allowed)}, got {names!r}")
+        raise ValueError(f"{what} must be 'all' or a non-empty subset of {tuple(allowed)}, got {names!r}")
     return list(dict.fromkeys(names))
 
 
-def _claims(results: Dict) -> Dict:
-    """The two papers' claims checked on these numbers, one entry per (claim, setting, method):
-    "holds" when the method beats standard in every listed comparison, with the counts and values.
-      P2: under corrupted training data (noisy, outliers), err_clean (vs the clean exact denoiser) is lower.
-      P1: few-step DDIM error is lower: SW2 to clean data and traj_err, at 5, 10 and 20 steps (6 comparisons)."""
+def plan(methods: Optional[Iterable[str]], settings: Optional[Iterable[str]]) -> Dict[str, List[str]]:
+    """{setting: [methods]} in training order. Without `methods`, each setting gets its default (clean data: the
+    P1 fine-tuning comparison; corrupted data: the P2 comparison). "standard" is always trained first (every
+    comparison's baseline and the fine-tuning start); any P1 fine-tuning brings its control ft_replay."""
+    settings = _parse(settings, SETTINGS, "settings") or list(DEFAULT_SETTINGS)
+    chosen = _parse(methods, METHODS, "methods")
     out = {}
-    for setting in ("noisy", "outliers"):
-        rows = results.get(setting, {})
-        if "standard" not in rows:
-            continue
-        base = rows["standard"]["denoiser_error"]["clean"]
-        for m in ("p2_random", "p2_adversarial"):
-            if m in rows:
-                v = rows[m]["denoiser_error"]["clean"]
-                out[f"P2 {setting} {m}: err_clean below standard"] = {
-                    "holds": v < base, "wins": int(v < base), "comparisons": 1, "method": [v], "standard": [base]}
+    for s in settings:
+        names = list(chosen or DEFAULT_METHODS["clean" if SETTINGS[s]["corruption"] == "clean" else "corrupted"])
+        if any(m in FINETUNE_P1 for m in names) and CONTROL not in names:
+            names.append(CONTROL)
+        out[s] = ["standard"] + [m for m in names if m != "standard"]
+    return out
+
+
+def _better(results, setting, method, baseline, metrics, name):
+    rows = results[setting]
+    mine = [_metric(rows[method], m) for m in metrics]
+    base = [_metric(rows[baseline], m) for m in metrics]
+    wins = sum(a < b for a, b in zip(mine, base))
+    return name, {"holds": wins == len(mine), "wins": wins, "comparisons": len(mine), "metrics": list(metrics),
+                  "method": mine, "baseline": base, "baseline_name": baseline}
+
+
+def _metric(row, name):
+    from .report import METRICS
+
+    return float(METRICS[name](row))
+
+
+def claims(results: Dict) -> Dict:
+    """The two papers' claims checked on these numbers, one entry per (claim, setting, method): "holds" when the
+    method is lower than its baseline in every listed comparison (with the per-metric values).
+      P2: under corrupted training data, err_clean (vs the clean exact denoiser) and SW2 (and, for data on a
+          subspace, the samples' off-subspace energy off_rms) are lower than standard's.
+      P1: few-step DDIM error (SW2 and traj_err at 5, 10 and 20 steps) is lower: fine-tuning vs the replay
+          control ft_replay, from-scratch P1 vs standard."""
+    out = {}
+    few = [f"{k}@{n}" for n in FEW_STEPS for k in ("SW2", "traj")]
     for setting, rows in results.items():
-        if "standard" not in rows:
-            continue
-        for m in ("p1_pgd", "p1_free"):
-            if m not in rows:
-                continue
-            mine, base = [], []
-            for n in FEW_STEPS:
-                for key in ("swd", "traj_err"):
-                    mine.append(rows[m]["few_step"][str(n)][key])
-                    base.append(rows["standard"]["few_step"][str(n)][key])
-            wins = sum(a < b for a, b in zip(mine, base))
-            out[f"P1 {setting} {m}: few-step SW2 and traj_err (5/10/20 steps) below standard"] = {
-                "holds": wins == len(mine), "wins": wins, "comparisons": len(mine), "method": mine, "standard": base}
+        corrupted = SETTINGS[setting]["corruption"] != "clean"
+        for m in P2_METHODS:
+            if corrupted and m in rows:
+                metrics = ["err_clean", "SW2"] + (["off_rms"] if SETTINGS[setting]["dim"] > 2 else [])
+                k, v = _better(results, setting, m, "standard", metrics, f"P2 {setting} {m} vs standard: {', '.join(metrics)} lower")
+                out[k] = v
+        for m in FINETUNE_P1:
+            if m in rows and CONTROL in rows:
+                k, v = _better(results, setting, m, CONTROL, few, f"P1 {setting} {m} vs {CONTROL}: few-step SW2 and traj lower")
+                out[k] = v
+        for m in P1_METHODS:
+            if m in rows:
+                k, v = _better(results, setting, m, "standard", few, f"P1 {setting} {m} vs standard: few-step SW2 and traj lower")
+                out[k] = v
     return out
 
 
@@ -93,98 +134,135 @@ def run_demo(
     threads: Optional[int] = None,
     lr: Optional[float] = None,
     batch: Optional[int] = None,
+    ft_steps: Optional[int] = None,
+    p2_scale: Optional[float] = None,
+    p2_bias: Optional[str] = None,
+    p1_alpha_mode: Optional[str] = None,
     progress: bool = True,
     stream=None,
     command: Optional[str] = None,
 ) -> Dict:
     """Run the demo (see the module docstring) and return its results dict (also written to out/demo.json).
 
-    methods: subset of METHODS ("standard" is always added: it is every comparison's baseline);
-    settings: subset of ("clean", "noisy", "outliers"); steps: optimizer steps per model (default 450,
-    --quick 40); radius: perturbation radius r for evaluation (L2, R = r sqrt(2)); threads: CPU threads
-    (default 1: a 2-layer MLP step is overhead-bound and extra threads only contend); lr, batch: Adam learning
-    rate and batch size (defaults in TrainConfig; --quick uses batch 64)."""
+    methods / settings: see plan(); steps: optimizer steps per scratch model (default 4000, --quick 60);
+    ft_steps: fine-tuning optimizer steps (default 600, --quick 30); radius: evaluation perturbation radius r
+    (L2, R = r sqrt(D)); threads: CPU threads (default 1: an MLP step is overhead-bound); lr, batch: Adam
+    learning rate and batch size; p2_scale / p2_bias: P2's radius r(t) = max(8/255, scale sigma_t^2) ("floor")
+    or scale sigma_t^2 + U[8/255, 16/255] ("random"); p1_alpha_mode: "cifar_ratio" (default) or "abs"."""
     stream = stream if stream is not None else sys.stdout
-    methods = _parse(methods, METHODS, "methods")
-    if "standard" not in methods:
-        methods.insert(0, "standard")
-    settings = _parse(settings, CORRUPTIONS, "settings")
+    todo = plan(methods, settings)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA device is visible; use --device cpu")
+    base = TrainConfig()
+    cfg = TrainConfig(
+        steps=steps or (60 if quick else base.steps), batch=batch or (64 if quick else base.batch), lr=lr or base.lr,
+        hidden=32 if quick else base.hidden, depth=2 if quick else base.depth, seed=seed,
+        ft_steps=ft_steps or (30 if quick else base.ft_steps),
+        p2_scale=base.p2_scale if p2_scale is None else p2_scale, p2_bias=p2_bias or base.p2_bias,
+        p1_alpha_mode=p1_alpha_mode or base.p1_alpha_mode)
+    if cfg.steps < 1 or cfg.ft_steps < 1:
+        raise ValueError(f"steps and ft_steps must be >= 1, got {cfg.steps} and {cfg.ft_steps}")
+    if cfg.p2_bias not in ("floor", "random"):
+        raise ValueError(f"p2_bias must be 'floor' or 'random', got {cfg.p2_bias!r}")
+    if cfg.p1_alpha_mode not in ("abs", "cifar_ratio"):
+        raise ValueError(f"p1_alpha_mode must be 'abs' or 'cifar_ratio', got {cfg.p1_alpha_mode!r}")
     if quick:
-        cfg = TrainConfig(steps=steps or 40, batch=batch or 64, lr=lr or TrainConfig.lr, hidden=32, depth=2, seed=seed)
         sizes = dict(n_train=256, n_eval=200, n_samples=200, w2_points=100, mmd_points=200, attack_points=32,
                      sample_steps=20, reps=2)
     else:
-        cfg = TrainConfig(steps=steps or 450, seed=seed, lr=lr or TrainConfig.lr, batch=batch or TrainConfig.batch)
         # Evaluation sized for the 2-minute budget: exact W2 (O(n^3)) on 600 points, MMD (O(n^2)) on 1000.
         sizes = dict(n_train=2048, n_eval=2000, n_samples=2000, w2_points=600, mmd_points=1000, attack_points=500,
                      sample_steps=50, reps=10)
-    if cfg.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
     old_threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(threads or 1)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(methods, settings, cfg, sizes, dev, out_dir, radius, progress, stream, command, quick)
+        return _run(todo, cfg, sizes, dev, out_dir, radius, progress, stream, command, quick)
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _run(methods, settings, cfg, sizes, dev, out_dir, radius, progress, stream, command, quick):
+def _load() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        return None
+
+
+def _run(todo, cfg, sizes, dev, out_dir, radius, progress, stream, command, quick):
+    from ..bench.report import git_commit
+    from ..eval import memorization_score
+    from ..progress import Progress
     from ..schedules import ddpm_linear_alphas_cumprod
     from .evaluate import data_floor, evaluate_model, make_eval_set
     from .report import format_markdown, format_table, make_figure, write_json
 
-    t_start, cpu_start = time.perf_counter(), time.process_time()
-    mixture = ring_mixture()
+    t_start, cpu_start, load_start = time.perf_counter(), time.process_time(), _load()
+    commit = git_commit()  # the code that runs: taken before any result exists
     ab = ddpm_linear_alphas_cumprod(1000)
-    g = torch.Generator().manual_seed(cfg.seed)
-    clean_train = mixture.sample(sizes["n_train"], g)
-    es = make_eval_set(mixture, ab, sizes["n_eval"], sizes["n_samples"], cfg.seed, dev, FEW_STEPS)
     eval_kw = dict(radius=radius, few_steps=FEW_STEPS, sample_steps=sizes["sample_steps"],
                    w2_points=sizes["w2_points"], mmd_points=sizes["mmd_points"], attack_points=sizes["attack_points"])
-    print(f"fastat demo: {len(methods)} methods x {len(settings)} settings, {cfg.steps} optimizer steps each, "
-          f"batch {cfg.batch}, device {dev}, {torch.get_num_threads()} CPU thread(s)", file=sys.stderr)
-    results, samples, train_sets = {}, {}, {}
-    # The exact denoiser does not depend on the training data: evaluate it once, redo only memorisation.
-    exact_row = evaluate_model(es.exact, es, **eval_kw)
-    exact_samples = exact_row.pop("_samples")
-    for setting in settings:
-        data = corrupt(clean_train, setting, generator=torch.Generator().manual_seed(cfg.seed + 7)).to(dev)
-        train_sets[setting] = data
-        results[setting], samples[setting] = {}, {}
-        for method in methods:
-            trained = train_method(method, data, ab, cfg, label=f"{setting}/{method}", progress=progress)
-            row = evaluate_model(trained["model"], es, train=data, **eval_kw)
-            row["train"] = {k: trained[k] for k in ("seconds", "optimizer_steps", "ms_per_step")}
-            samples[setting][method] = row.pop("_samples")
-            results[setting][method] = row
-        timing = time_steps(methods, data, ab, cfg, reps=sizes["reps"])
-        for method in methods:
-            results[setting][method]["time"] = timing[method]
-        from ..eval import memorization_score
-
-        results[setting]["exact"] = dict(exact_row, memorization=memorization_score(exact_samples, data))
-        samples[setting]["exact"] = exact_samples
-    floor = data_floor(es, sizes["w2_points"], sizes["mmd_points"])
-    elapsed, cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
-    try:
-        load = os.getloadavg()
-    except OSError:  # pragma: no cover
-        load = None
+    n_models = sum(len(m) for m in todo.values())
+    print(f"fastat demo: {n_models} models in {len(todo)} settings ({', '.join(todo)}), {cfg.steps} optimizer steps "
+          f"from scratch / {cfg.ft_steps} fine-tuning, batch {cfg.batch}, device {dev}, "
+          f"{torch.get_num_threads()} CPU thread(s)", file=sys.stderr)
+    results, samples, train_sets, eval_sets, exact_rows, floors = {}, {}, {}, {}, {}, {}
+    bar = Progress(sum(work_units(m, cfg) for ms in todo.values() for m in ms), n_models, enabled=progress)
+    with bar:
+        for setting, methods in todo.items():
+            info = SETTINGS[setting]
+            dim = info["dim"]
+            mixture = ring_mixture(dim=dim)
+            if dim not in eval_sets:
+                eval_sets[dim] = make_eval_set(mixture, ab, sizes["n_eval"], sizes["n_samples"], cfg.seed, dev, FEW_STEPS)
+                row = evaluate_model(eval_sets[dim].exact, eval_sets[dim], **eval_kw)
+                exact_rows[dim] = (row, row.pop("_samples"))
+                floors[dim] = data_floor(eval_sets[dim], sizes["w2_points"], sizes["mmd_points"])
+            es = eval_sets[dim]
+            clean_train = mixture.sample(sizes["n_train"], torch.Generator().manual_seed(cfg.seed))
+            data = corrupt(clean_train, info["corruption"], generator=torch.Generator().manual_seed(cfg.seed + 7)).to(dev)
+            train_sets[setting] = data
+            results[setting], samples[setting] = {}, {}
+            init = None
+            for method in methods:
+                bar.start_task(f"{setting}/{method}")
+                trained = train_method(method, data, ab, cfg, init_state=init, progress=bar)
+                if method == "standard":
+                    init = trained["model"].state_dict()
+                row = evaluate_model(trained["model"], es, train=data, **eval_kw)
+                row["train"] = {k: trained[k] for k in ("seconds", "optimizer_steps", "ms_per_step")}
+                samples[setting][method] = row.pop("_samples")
+                results[setting][method] = row
+            timing = time_steps(methods, data, ab, cfg, reps=sizes["reps"])
+            for method in methods:
+                results[setting][method]["time"] = timing[method]
+            exact_row, exact_samples = exact_rows[dim]
+            results[setting]["exact"] = dict(exact_row, memorization=memorization_score(exact_samples, data))
+            samples[setting]["exact"] = exact_samples
+            if info["corruption"] == "noisy":
+                oracle = ExactDenoiser(noisy_mixture(mixture), ab).to(dev)
+                row = evaluate_model(oracle, es, train=data, **eval_kw)
+                samples[setting]["oracle_corrupted"] = row.pop("_samples")
+                results[setting]["oracle_corrupted"] = row
+    elapsed, cpu_seconds, load_end = time.perf_counter() - t_start, time.process_time() - cpu_start, _load()
+    busy = max(x for x in (load_start, load_end, 0.0) if x is not None)
+    timing_note = (f"timing ratios (time_x) were measured while the machine was loaded (1-min load average up to "
+                   f"{busy:.1f} on {os.cpu_count()} cores, this run using {torch.get_num_threads()} thread(s)): "
+                   f"treat them as rough" if busy > 1.5 else None)
     payload = {
         "command": command or "fastat.demo.run_demo(...)",
+        "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": {
             "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "load_average_at_end": load,
+            "load_average_at_start": load_start,
+            "load_average_at_end": load_end,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "fastat_backend": get_backend(),
@@ -193,27 +271,33 @@ def _run(methods, settings, cfg, sizes, dev, out_dir, radius, progress, stream, 
         "config": cfg.as_dict(),
         "sizes": sizes,
         "radius": radius,
-        "mixture": {"means": mixture.means.tolist(), "stds": mixture.stds.tolist(), "weights": mixture.weights.tolist()},
-        "settings": {s: SETTINGS[s] for s in settings},
-        "methods": {m: METHODS[m] for m in methods},
-        "data_floor": floor,
+        "settings": {s: SETTINGS[s]["about"] for s in todo},
+        "methods": {m: METHODS[m] for ms in todo.values() for m in ms},
+        "data_floor": {s: floors[SETTINGS[s]["dim"]] for s in todo},
         "results": results,
-        "claims": _claims(results),
+        "claims": claims(results),
+        "timing_note": timing_note,
         "total_seconds": elapsed,
         # CPU time of this process: about the wall time on an idle machine for this single-threaded run
         "total_cpu_seconds": cpu_seconds,
     }
-    table = format_table(results, SETTINGS)
-    print(table, file=stream)
-    print(f"\nfinite-sample floor (two independent clean sets): SW2 {floor['swd']:.4f}  MMD {floor['mmd']:.4f}  "
-          f"W2 {floor['w2']:.4f}", file=stream)
-    print("claims (method vs standard, this run):", file=stream)
+    about = {s: SETTINGS[s]["about"] for s in todo}
+    print(format_table(results, about), file=stream)
+    for s in todo:
+        f = payload["data_floor"][s]
+        print(f"finite-sample floor, {s} (two independent clean sets): SW2 {f['swd']:.4f}  MMD {f['mmd']:.4f}  "
+              f"W2 {f['w2']:.4f}", file=stream)
+    print("\nclaims (method vs baseline on this run; 'holds' = lower in every listed metric):", file=stream)
     for name, c in payload["claims"].items():
-        vals = ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(c["method"], c["standard"]))
+        vals = ", ".join(f"{m} {a:.3f}/{b:.3f}" for m, a, b in zip(c["metrics"], c["method"], c["baseline"]))
         print(f"  {'holds' if c['holds'] else 'fails'}  {name}: {c['wins']}/{c['comparisons']} ({vals})", file=stream)
+    if timing_note:
+        print(f"note: {timing_note}", file=stream)
     json_path = write_json(payload, out_dir / "demo.json")
-    (out_dir / "demo.md").write_text(format_markdown(results, SETTINGS) + "\n")
-    png = make_figure(results, samples, train_sets, es.reference, out_dir / "demo.png", ab.numel())
+    (out_dir / "demo.md").write_text(format_markdown(results, about) + "\n")
+    bases = {s: ring_mixture(dim=SETTINGS[s]["dim"]).basis for s in todo}
+    png = make_figure(results, samples, train_sets, {s: eval_sets[SETTINGS[s]["dim"]].reference for s in todo},
+                      bases, out_dir / "demo.png", ab.numel(), note=timing_note)
     print(f"\nwrote {json_path}, {out_dir / 'demo.md'}" + (f", {png}" if png else " (no PNG: matplotlib missing)")
           + f"  [{elapsed:.1f} s wall, {cpu_seconds:.1f} s CPU]", file=stream)
     payload["paths"] = {"json": str(json_path), "md": str(out_dir / "demo.md"), "png": str(png) if png else None}

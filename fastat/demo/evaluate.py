@@ -12,6 +12,8 @@ starting noise x_T and an independent clean reference set. Metrics:
     sampler_attack: mean final-sample RMS deviation when x_t is attacked (PGD, radius R) at the middle
         step of a 10-step DDIM trajectory
     memorization: nearest-neighbour distance ratio of the samples to the (possibly corrupted) training set
+    samples.off_rms (data on a subspace only): sqrt(mean ||(I - P) x||^2) of the samples, their energy off the
+        data's subspace (noise in the samples; 0 for the clean data and the exact denoiser's limit)
 """
 from __future__ import annotations
 
@@ -117,6 +119,8 @@ def evaluate_model(model, es: EvalSet, *, radius: float, pgd_steps: int = 5, few
     attack = sampler_attack(model, es.x_T[:k], ab, 10, attack_at=(5,), radius=radius, mode="pgd", steps=3,
                             generator=es.generator(20))
     result["sampler_attack"] = float(attack["error"].mean())
+    if es.mixture.basis is not None:
+        result["samples"]["off_rms"] = float(es.mixture.off_subspace(samples).pow(2).sum(1).mean().sqrt())
     if train is not None:
         result["memorization"] = memorization_score(samples, train)
     result["finite"] = all(torch.isfinite(torch.as_tensor(v)).all() for v in _leaves(result))

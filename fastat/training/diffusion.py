@@ -60,9 +60,46 @@ P2_R_MIN = 8.0 / 255.0
 P2_STEP_FACTOR = 1.25
 
 
-def p2_radius(sigma: torch.Tensor, eps: float, rho: float = P2_RHO, r_min: float = P2_R_MIN) -> torch.Tensor:
-    """P2's time-dependent box radius, shaped like sigma_t: r(t) = max(r_min, eps * sigma_t^rho) [B]."""
-    return (eps * sigma.double() ** rho).clamp_min(r_min).to(sigma.dtype)
+RADIUS_BIASES = ("floor", "random")
+# P1's official run: CIFAR-10, D = 3 * 32 * 32, absolute L2 step alpha = 0.1 (``alpha_mode="cifar_ratio"``).
+P1_OFFICIAL_DIM = 3 * 32 * 32
+ALPHA_MODES = ("abs", "cifar_ratio")
+
+
+def p2_radius(sigma: torch.Tensor, eps: float, rho: float = P2_RHO, r_min: float = P2_R_MIN, bias: str = "floor",
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """P2's time-dependent box radius [B], shaped like sigma_t, with scale ``eps``, exponent ``rho``, floor ``r_min``:
+
+        bias="floor":  r(t) = max(r_min, eps * sigma_t^rho)
+        bias="random": r(t) = eps * sigma_t^rho + b,  b ~ Uniform[r_min, 2 r_min] per sample (drawn with generator)
+
+    Unverified against the authors' code: the paper and secondary sources describe r(t) as following sigma_t
+    with rho = 2 and a (random) bias of at least 8/255; the scale, the floor and the bias law are our reading."""
+    check_choice("bias", bias, RADIUS_BIASES)
+    base = eps * sigma.double() ** rho
+    if bias == "floor":
+        return base.clamp_min(r_min).to(sigma.dtype)
+    u = torch.rand(sigma.shape, generator=generator, device=sigma.device, dtype=torch.float64)
+    return (base + r_min * (1.0 + u)).to(sigma.dtype)
+
+
+def p1_step_size(alpha: Optional[float], like: torch.Tensor, alpha_mode: str = "abs") -> Optional[float]:
+    """P1's L2 ascent step: ``alpha`` ("abs", the official code; None keeps the default) or alpha * sqrt(D / 3072)
+    ("cifar_ratio", alpha None = the official 0.1: the step, hence ||delta|| / ||eps|| ~ K alpha / sqrt(D), is that
+    of the official CIFAR-10 run at any D)."""
+    check_choice("alpha_mode", alpha_mode, ALPHA_MODES)
+    if alpha_mode == "abs":
+        return alpha
+    alpha = 0.1 if alpha is None else alpha
+    return alpha * math.sqrt(like[0].numel() / P1_OFFICIAL_DIM) if like.shape[0] else alpha
+
+
+def check_alpha_mode(alpha_mode: str, method: str, p1_method: str, norm: str) -> None:
+    check_choice("alpha_mode", alpha_mode, ALPHA_MODES)
+    if alpha_mode != "abs" and method != p1_method:
+        raise ValueError(f"alpha_mode={alpha_mode!r} applies to method={p1_method!r} only, got method={method!r}")
+    if alpha_mode != "abs" and norm != "l2":
+        raise ValueError(f"alpha_mode={alpha_mode!r} needs norm='l2', got norm={norm!r}")
 
 
 def p2_weight(radius: torch.Tensor, lam: float = P2_LAMBDA, beta: float = P2_BETA) -> torch.Tensor:
@@ -300,6 +337,8 @@ def diffusion_adv_loss(
     rho: float = P2_RHO,
     r_min: float = P2_R_MIN,
     radius_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    radius_bias: str = "floor",
+    alpha_mode: str = "abs",
     detach_anchor: bool = False,
     regularizer: str = "equivariant",
     **aliases,
@@ -325,6 +364,8 @@ def diffusion_adv_loss(
                     start; 0 a zero start; default eps). ``target``: "delta_detach" (default), "delta",
                     "original". ``at_diff_grad_scale=True``: divide the perturbation's gradient by 2^20
                     as AT_Diff's loop does (shorter steps where ||g|| < ~0.0105; see attack.py).
+                    ``alpha_mode="cifar_ratio"`` scales the L2 step by sqrt(D / 3072) so that ||delta|| / ||eps||
+                    is the official CIFAR-10 run's at any D (see p1_step_size).
       "fgsm_rs":    one step from a uniform random start, step ``alpha`` = 1.25 * R by default.
       "input_perturbation": DDPM-IP, delta = s_t * eps * xi with xi ~ N(0, I) (``eps`` = gamma, default 0.1),
                     target "original".
@@ -332,7 +373,9 @@ def diffusion_adv_loss(
           L_i = mean_flat((pred(x_t) - target)^2)
               + lambda_t * mean_flat((e(x_t + s_t*omega) - (e(x_t) + omega))^2)
           with e(.) the noise implied by the prediction (to_epsilon), r(t) = max(r_min, eps * s_t^rho)
-          (``eps`` default 0.1, ``rho`` 2, ``r_min`` 8/255; or ``radius_fn(sigma) -> r``),
+          (``eps`` default 0.1, ``rho`` 2, ``r_min`` 8/255; or ``radius_fn(sigma) -> r``);
+          ``radius_bias="random"``: r(t) = eps * s_t^rho + U[r_min, 2 r_min] instead (see p2_radius; the
+          schedule's scale, floor and bias law are unverified against the authors' code),
           lambda_t = lam * sqrt(3) / (beta * r(t)) (lam 0.3, beta 1.0). "random": omega uniform in the box.
           "adversarial": uniform start, one sign step of size ``alpha`` * r(t) (alpha = 1.25 by default)
           ascending J = ||e(x_t + s_t*omega) - stop_grad(e(x_t))||^2, clamped to the box.
@@ -391,6 +434,11 @@ def diffusion_adv_loss(
     lam, beta, rho, r_min = check_p2(lam, beta, rho, r_min)
     _check_steps(method, opts["steps"])
     check_p2_modes(method in P2_METHODS, opts["eps"], radius_fn, batch_branches, low_memory)
+    check_choice("radius_bias", radius_bias, RADIUS_BIASES)
+    check_alpha_mode(alpha_mode, method, "pgd", opts["norm"])
+    if radius_bias != "floor" and radius_fn is None:
+        radius_fn = functools.partial(p2_radius, eps=float(opts["eps"]), rho=rho, r_min=r_min, bias=radius_bias,
+                                      generator=generator)
     weights = per_sample("weights", weights, x0.shape[0], x0.device, nonnegative=True)
 
     b = _Batch(model, x0, timesteps, noise, table, prediction_type, model_kwargs, generator, same_dropout,
@@ -402,7 +450,8 @@ def diffusion_adv_loss(
         plan = None
         if method in ("pgd", "fgsm_rs"):
             plan = attack.AttackPlan.resolve(
-                method, x0, eps=opts["eps"], eps_mode=eps_mode, norm=opts["norm"], alpha=opts["alpha"],
+                method, x0, eps=opts["eps"], eps_mode=eps_mode, norm=opts["norm"],
+                alpha=p1_step_size(opts["alpha"], x0, alpha_mode),
                 steps=opts["steps"], random_start=random_start, init_mag=opts["init_mag"],
                 at_diff_grad_scale=at_diff_grad_scale)
         out = _p1(b, method, plan, opts, scaler)

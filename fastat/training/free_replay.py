@@ -10,9 +10,10 @@ One call of ``.step(x0)`` runs K replays of the same batch (same x0, noise and t
         delta, x_in = pgd_step(delta, g, alpha, R, norm, model_input_base=x_t)   # next input, same pass
 
 method="p1": the P1 loss (target modes as in diffusion_adv_loss). Cost per optimizer step: 1 F + 1 Bw.
-method="p2": P2 with omega updated from the previous replay's backward (no separate attack pass): the
-    step ascends the training loss's gradient in omega (sign step of ``alpha`` * r(t), default 1.25,
-    clamped to the box), starting from a uniform draw in the box. Cost: 2 F (or one 2B forward) + 1 Bw
+method="p2": fastat's own Free-AT variant of P2, not an algorithm of the P2 paper: omega is updated from the
+    previous replay's backward (no separate attack pass), so it ascends the *training loss* (clean term +
+    regulariser), not P2's attack objective J = ||e(x_t + s_t omega) - e(x_t)||^2. Sign step of ``alpha`` * r(t)
+    (default 1.25), clamped to the box, from a uniform draw in the box. Cost: 2 F (or one 2B forward) + 1 Bw
     (``low_memory``: + 1 F recomputed in backward, one branch graph held at a time).
 method="cm": consistency_adv_loss with the given perturbation (``loss_kwargs`` are passed to it, e.g.
     target_model, mode, teacher); the same indices and z are reused across replays. Cost: 1 F + 1 Bw
@@ -25,6 +26,7 @@ weights, e.g. importance sampling) multiply each sample's loss: the replayed los
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -51,9 +53,13 @@ from .diffusion import (
     P2_R_MIN,
     P2_RHO,
     P2_STEP_FACTOR,
+    RADIUS_BIASES,
     _Batch,
+    check_alpha_mode,
     check_p2_modes,
+    p1_step_size,
     p1_terms,
+    p2_radius,
     p2_schedule,
     p2_terms,
 )
@@ -75,8 +81,8 @@ class FreeReplay:
 
     ``replays`` = K (AT_Diff alias ``adv_steps``; default 3). Arguments as in diffusion_adv_loss (eps,
     eps_mode, alpha, norm, random_start, init_mag, target, at_diff_grad_scale, learn_sigma,
-    rescale_learned_sigmas, P2's lam, beta, rho, r_min, radius_fn, detach_anchor, batch_branches,
-    low_memory; AT_Diff aliases), validated here. Defaults are P1's official CIFAR-10 settings: K = 3,
+    rescale_learned_sigmas, P2's lam, beta, rho, r_min, radius_bias, radius_fn, detach_anchor, batch_branches,
+    low_memory, P1's alpha_mode; AT_Diff aliases), validated here. Defaults are P1's official CIFAR-10 settings: K = 3,
     alpha = 0.1, eps = 0.1 (rms: R = 0.1 sqrt(D)), zero init, "delta_detach".
 
     Hooks per replay (= per optimizer step): ``scaler`` (torch.amp.GradScaler: scale, unscale the delta
@@ -113,6 +119,8 @@ class FreeReplay:
         rho: float = P2_RHO,
         r_min: float = P2_R_MIN,
         radius_fn=None,
+        radius_bias: str = "floor",
+        alpha_mode: str = "abs",
         detach_anchor: bool = False,
         batch_branches: bool = False,
         low_memory: bool = False,
@@ -146,6 +154,9 @@ class FreeReplay:
                     low_memory=low_memory, learn_sigma=learn_sigma, rescale_learned_sigmas=rescale_learned_sigmas,
                     at_diff_grad_scale=at_diff_grad_scale)
         check_p2_modes(method == "p2", opts["eps"], radius_fn, batch_branches, low_memory)
+        check_choice("radius_bias", radius_bias, RADIUS_BIASES)
+        check_alpha_mode(alpha_mode, method, "p1", opts["norm"])
+        self.radius_bias, self.alpha_mode = radius_bias, alpha_mode
         lam, beta, rho, r_min = check_p2(lam, beta, rho, r_min)
         if method != "cm" and (alphas_cumprod is None) == (scheduler is None):
             raise ValueError("pass exactly one of alphas_cumprod= or scheduler=")
@@ -245,7 +256,8 @@ class FreeReplay:
     def _plan(self, like: torch.Tensor) -> attack.AttackPlan:
         o = self.opts
         return attack.AttackPlan.resolve("free", like, eps=o["eps"], eps_mode=self.eps_mode, norm=o["norm"],
-                                         alpha=o["alpha"], random_start=self.random_start, init_mag=o["init_mag"],
+                                         alpha=p1_step_size(o["alpha"], like, self.alpha_mode),
+                                         random_start=self.random_start, init_mag=o["init_mag"],
                                          at_diff_grad_scale=self.at_diff_grad_scale)
 
     def _start(self, b: _Batch, weights, generator) -> _Replayed:
@@ -254,7 +266,11 @@ class FreeReplay:
             delta = plan.start(b.x0, generator, b.pdtype)
             return _Replayed(b, weights, delta, attack.first_input(b.x_t, delta, plan.init == "zero", b.model_dtype), plan)
         p = self.p2
-        radius, lam_t = p2_schedule(b, self.opts["eps"], p["rho"], p["r_min"], p["radius_fn"], p["lam"], p["beta"])
+        radius_fn = p["radius_fn"]
+        if radius_fn is None and self.radius_bias != "floor":
+            radius_fn = functools.partial(p2_radius, eps=float(self.opts["eps"]), rho=p["rho"], r_min=p["r_min"],
+                                          bias=self.radius_bias, generator=generator)
+        radius, lam_t = p2_schedule(b, self.opts["eps"], p["rho"], p["r_min"], radius_fn, p["lam"], p["beta"])
         u = attack.draw_start(b.x0, b.sigma * radius, "linf", "uniform", generator, b.pdtype)
         return _Replayed(b, weights, u, attack.first_input(b.x_t, u, False, b.model_dtype), None, radius, lam_t)
 
