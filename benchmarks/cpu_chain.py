@@ -108,9 +108,7 @@ def main(argv=None) -> int:
     shape = tuple(int(s) for s in args.shape.split(","))
 
     _ext.load("cpp")
-    # Importing the kernel modules registers the ops before timing starts.
-    for op in ("noisy_input", "pgd_step", "equivariant_mse"):
-        fastat._dispatch._load(op, "cpp")
+    fastat.preload("cpp")  # load every kernel before timing starts
     load_before = os.getloadavg()
     rows = []
     print(f"shape {shape} fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "

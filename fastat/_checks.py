@@ -2,13 +2,14 @@
 
 Value checks on tensors (negative or non-finite radius, ...) need a device-to-host read, so they
 are skipped while torch.compile traces or a CUDA graph is being captured; shape, dtype and device
-checks always run.
+checks always run. The ops' public functions check a coefficient tensor's values with `check_values` unless
+the kernel that runs the call checks them itself (the cpp kernels do, for free, while reading them).
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -104,6 +105,56 @@ def per_sample(
     if nonnegative and not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
+
+
+def coefficient(
+    name: str, value, batch: int, device: torch.device, acc: torch.dtype, *, nonnegative: bool = False,
+    positive: bool = False,
+) -> Tuple[Optional[torch.Tensor], float]:
+    """A per-sample coefficient as the ops take it: (None, float) for a number (checked here), or a contiguous
+    [B] tensor in the accumulation dtype `acc` and 0.0 for a tensor (a 0-d tensor is expanded, [B, 1, ...] is
+    accepted; gradients flow through the conversion). A tensor's values are checked by `check_values`."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the data is on {device}")
+        if value.ndim != 1 or value.shape[0] != batch:
+            if value.ndim == 0:
+                value = value.expand(batch)
+            elif value.numel() != batch or any(s != 1 for s in value.shape[1:]):
+                raise ValueError(
+                    f"{name} must be a float or have one value per sample (shape [{batch}]), got shape {tuple(value.shape)}"
+                )
+            value = value.reshape(batch)
+        if value.dtype != acc:
+            value = value.to(acc)
+        if not value.is_contiguous():
+            value = value.contiguous()
+        return value, 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a tensor of shape [B]={[batch]}, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return None, value
+
+
+def check_values(name: str, value: Optional[torch.Tensor], *, nonnegative: bool = False, positive: bool = False) -> None:
+    """A coefficient tensor's values: finite, and > 0 or >= 0 if asked (skipped where values_checkable says so)."""
+    if value is None or not value.numel() or not values_checkable(value):
+        return
+    low, high = (float(v) for v in torch.aminmax(value.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} must be finite, got non-finite values")
+    if positive and not low > 0:
+        raise ValueError(f"{name} must be > 0, got min {low:g}")
+    if nonnegative and not low >= 0:
+        raise ValueError(f"{name} must be >= 0, got min {low:g}")
 
 
 def check_batch(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:

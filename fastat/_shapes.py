@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -52,3 +52,94 @@ def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return per_sample.sum()
     return per_sample.sum() / max(per_sample.shape[0], 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The layout rule of every kernel (mirrored in C++ by csrc/cuda/host_common.h `work_layout`): operands that share
+# one batch-outer dense layout (contiguous, channels_last, any dense order with the batch dim outermost) are read
+# as they are and the outputs take their strides; otherwise every operand is copied to contiguous and the outputs
+# are contiguous. Kernels see such tensors as [B, D] in memory order. With `logical` (kernels that draw noise
+# in-kernel at each element's logical index) only contiguous and channels_last layouts are kept.
+
+
+class Layout(NamedTuple):
+    tensors: List[Optional[torch.Tensor]]  # the operands as the kernels read them
+    strides: Optional[Tuple[int, ...]]  # the outputs' strides; None: contiguous
+    channels_last: bool  # memory order (batch, spatial..., channel): the logical index needs (C, S)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Memory order (batch, spatial..., channel): what torch calls channels_last / channels_last_3d."""
+    if x.ndim == 4:
+        return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if x.ndim == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    return False
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of the dims is contiguous (size-1 dims ignored)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def batch_outer_dense(x: torch.Tensor) -> bool:
+    """Dense, with each sample one block of D elements (the batch dim outermost in memory)."""
+    if x.ndim == 0 or not _dense(x):
+        return False
+    return x.shape[0] <= 1 or x.stride(0) == math.prod(x.shape[1:])
+
+
+def work_layout(tensors: Sequence[Optional[torch.Tensor]], logical: bool = False) -> Layout:
+    """The operands as the kernels read them, and the layout of the outputs (see the rule above)."""
+    present = [t for t in tensors if t is not None]
+    contiguous = True
+    for t in present:
+        if not t.is_contiguous():
+            contiguous = False
+            break
+    if contiguous:
+        return Layout(list(tensors), None, False)
+    first = present[0]
+    strides = first.stride()
+    keep = batch_outer_dense(first) and (not logical or is_channels_last(first))
+    if keep:
+        for t in present[1:]:
+            if t.stride() != strides:
+                keep = False
+                break
+    if keep:
+        return Layout(list(tensors), strides, is_channels_last(first))
+    return Layout([t.contiguous() if t is not None else None for t in tensors], None, False)
+
+
+def empty_output(shape, layout: Layout, dtype: torch.dtype, device) -> torch.Tensor:
+    """An output of the kernels: the layout's strides, else contiguous."""
+    if layout.strides is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty_strided(shape, layout.strides, dtype=dtype, device=device)
+
+
+def restride(out: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """`out` in the layout the kernels would have given it (the reference's results, run inside the operator)."""
+    if layout.strides is None:
+        return out.contiguous()
+    if out.stride() == layout.strides:
+        return out
+    return empty_output(out.shape, layout, out.dtype, out.device).copy_(out)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 data, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def device_type(x: torch.Tensor) -> str:
+    """x.device.type, cheaply for the common devices (this runs on every op call)."""
+    if x.is_cuda:
+        return "cuda"
+    return "cpu" if x.is_cpu else x.device.type

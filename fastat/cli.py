@@ -16,7 +16,7 @@ def _info(_args: argparse.Namespace) -> int:
 
     import fastat
     from fastat._backend import BACKENDS, _triton_version, backend_status, get_backend
-    from fastat._dispatch import registered_backends, registered_ops
+    from fastat._dispatch import PUBLIC, registered_backends, registered_ops
 
     print(f"fastat   {fastat.__version__}")
     print(f"python   {platform.python_version()} ({sys.executable})")
@@ -33,9 +33,10 @@ def _info(_args: argparse.Namespace) -> int:
     for name in BACKENDS:
         ok, why = backend_status(name)
         print(f"  {name:<7} {'yes' if ok else 'no ':<4} {why}")
-    print("kernels per op:")
+    print("kernels per op: (fastat::<op>, its backends, the public functions that run it)")
     for op in registered_ops():
-        print(f"  {op:<26} {', '.join(registered_backends(op))}")
+        users = ", ".join(sorted(name for name, o in PUBLIC.items() if o.name == op))
+        print(f"  {op:<26} {', '.join(registered_backends(op)):<26} {users}".rstrip())
     return 0
 
 

@@ -1,15 +1,15 @@
-// Functors of noisy_input.cu.
-// Per-element / per-sample code of the kernels (functors run by the launch templates of common.cuh), free of
-// ATen so that tests/test_cuda_build.py compiles it for the host and checks it against the float64 reference.
+// Functors of noisy_input.cu and csrc/cpu/noisy_input.cpp: the one source of the per-element maths of the noisy
+// input, its backward and seeded Gaussian noise, on the GPU and on the CPU. Free of ATen, so that g++ compiles it for
+// the CPU kernels and tests/test_cuda_build.py checks it against the float64 reference.
 #pragma once
 
 #include "kernel_utils.cuh"
 
 namespace fastat {
 
-// out = alpha_b * x0 + sigma_b * noise (+ delta); noise is read, or drawn from (seed, offset) at the element's
-// flat index (the seeded form runs on contiguous tensors, so flat index = logical index). Seeded / delta are
-// warp-uniform runtime switches (free in a memory-bound loop; fewer instantiations, faster nvcc).
+// out = alpha_b * x0 + sigma_b * noise (+ delta). noise == nullptr: the noise is drawn from (seed, offset) at each
+// element's logical index (triton's tl.randn stream, whatever the memory layout). Seeded / delta are warp-uniform
+// runtime switches (free in a memory-bound loop; fewer instantiations, faster nvcc).
 template <typename T>
 struct NoisyInputOp {
   using A = acc_t<T>;
@@ -18,21 +18,21 @@ struct NoisyInputOp {
   const T* __restrict__ delta;
   T* __restrict__ out;
   Coef<A> alpha, sigma;
-  int64_t d;
-  bool seeded;
+  LogicalIndex logical;
   uint64_t seed, offset;
+  SampleCursor cur;
 
   template <int N> FASTAT_HD void run(int64_t i) {
     A x[N], e[N], dl[N], o[N];
     load<N>(x0, i, x);
-    if (seeded) {
+    if (noise == nullptr) {
 #pragma unroll
-      for (int k = 0; k < N; ++k) e[k] = static_cast<A>(philox_normal(seed, offset, i + k));
+      for (int k = 0; k < N; ++k) e[k] = static_cast<A>(philox_normal(seed, offset, logical(i + k)));
     } else {
       load<N>(noise, i, e);
     }
     if (delta != nullptr) load<N>(delta, i, dl);
-    SampleCursor cur(i, d);
+    cur.seek(i);
     A a = alpha(cur.b), s = sigma(cur.b);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
@@ -48,40 +48,48 @@ struct NoisyInputOp {
   }
 };
 
+// The backward of the noisy input: d x0 = alpha_b * g, d noise = sigma_b * g (either output may be absent); the
+// gradient to delta is g itself (no kernel).
 template <typename T>
-struct GaussianOp {
-  T* __restrict__ out;
-  uint64_t seed, offset;
-  template <int N> FASTAT_HD void run(int64_t i) {
-    float o[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) o[k] = philox_normal(seed, offset, i + k);
-    store<N>(out, i, o);
-  }
-};
-
-// out = coef_b * g: the gradient of x_t with respect to x0 (coef = alpha) or noise (coef = sigma).
-template <typename T>
-struct ScaleOp {
+struct NoisyInputGradOp {
   using A = acc_t<T>;
-  const T* __restrict__ g;
-  T* __restrict__ out;
-  Coef<A> coef;
-  int64_t d;
+  const T* __restrict__ grad;
+  T* __restrict__ out_x0;
+  T* __restrict__ out_noise;
+  Coef<A> alpha, sigma;
+  SampleCursor cur;
+
   template <int N> FASTAT_HD void run(int64_t i) {
-    A v[N];
-    load<N>(g, i, v);
-    SampleCursor cur(i, d);
-    A c = coef(cur.b);
+    A g[N], gx[N], gn[N];
+    load<N>(grad, i, g);
+    cur.seek(i);
+    A a = alpha(cur.b), s = sigma(cur.b);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       if (i + k >= cur.next) {
         cur.advance(i + k);
-        c = coef(cur.b);
+        a = alpha(cur.b);
+        s = sigma(cur.b);
       }
-      v[k] *= c;
+      gx[k] = a * g[k];
+      gn[k] = s * g[k];
     }
-    store<N>(out, i, v);
+    if (out_x0 != nullptr) store<N>(out_x0, i, gx);
+    if (out_noise != nullptr) store<N>(out_noise, i, gn);
+  }
+};
+
+// N(0, 1) noise: element with logical index j = tl.randn(seed, offset + j).
+template <typename T>
+struct GaussianOp {
+  T* __restrict__ out;
+  LogicalIndex logical;
+  uint64_t seed, offset;
+  template <int N> FASTAT_HD void run(int64_t i) {
+    float o[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) o[k] = philox_normal(seed, offset, logical(i + k));
+    store<N>(out, i, o);
   }
 };
 

@@ -1,6 +1,6 @@
-// Functors of perturbation.cu.
-// Per-element / per-sample code of the kernels (functors run by the launch templates of common.cuh), free of
-// ATen so that tests/test_cuda_build.py compiles it for the host and checks it against the float64 reference.
+// Functors of perturbation.cu and csrc/cpu/perturbation.cpp: the one source of the per-element and per-sample maths
+// of the PGD steps and the random starts, on the GPU and on the CPU. Free of ATen, so that g++ compiles it for the
+// CPU kernels and tests/test_cuda_build.py checks it against the float64 reference.
 #pragma once
 
 #include "kernel_utils.cuh"
@@ -21,30 +21,40 @@ FASTAT_HD void add_base(const T* __restrict__ base, T* __restrict__ xout, int64_
 
 // ---- L2 -----------------------------------------------------------------------------------------------------
 
-template <typename T>
+// Per-sample ||g||^2, <delta, g>, ||delta||^2 and the count of non-finite g, in LANES independent partial sums
+// (1 on the GPU; 16 on the CPU, where they let g++ vectorise without reassociating), added in a fixed order.
+template <typename T, int LANES = 1>
 struct L2StatsOp {
   using A = acc_t<T>;
   const T* __restrict__ delta;
   const T* __restrict__ grad;
-  A gg, dg, dd, bad;
-  FASTAT_HD void reset(int64_t) { gg = dg = dd = bad = A(0); }
+  A gg[LANES], dg[LANES], dd[LANES], bad[LANES];
+  FASTAT_HD void reset(int64_t) {
+#pragma unroll
+    for (int l = 0; l < LANES; ++l) gg[l] = dg[l] = dd[l] = bad[l] = A(0);
+  }
   template <int N> FASTAT_HD void run(int64_t i) {
     A dv[N], gv[N];
     load<N>(delta, i, dv);
     load<N>(grad, i, gv);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      gg += gv[k] * gv[k];
-      dg += dv[k] * gv[k];
-      dd += dv[k] * dv[k];
-      bad += finite(gv[k]) ? A(0) : A(1);
+      const int l = k % LANES;
+      gg[l] += gv[k] * gv[k];
+      dg[l] += dv[k] * gv[k];
+      dd[l] += dv[k] * dv[k];
+      bad[l] += finite(gv[k]) ? A(0) : A(1);
     }
   }
   FASTAT_HD void partials(A (&out)[4]) const {
-    out[0] = gg;
-    out[1] = dg;
-    out[2] = dd;
-    out[3] = bad;
+    out[0] = out[1] = out[2] = out[3] = A(0);
+#pragma unroll
+    for (int l = 0; l < LANES; ++l) {
+      out[0] += gg[l];
+      out[1] += dg[l];
+      out[2] += dd[l];
+      out[3] += bad[l];
+    }
   }
 };
 
@@ -80,12 +90,12 @@ struct L2ApplyOp {
   const T* __restrict__ base;  // optional: x' = base + delta' (delta' rounded to T first, as the reference)
   T* __restrict__ xout;
   const A* __restrict__ coef;
-  int64_t d;
+  SampleCursor cur;
   template <int N> FASTAT_HD void run(int64_t i) {
     A dv[N], gv[N];
     load<N>(delta, i, dv);
     load<N>(grad, i, gv);
-    SampleCursor cur(i, d);
+    cur.seek(i);
     A cd = coef[2 * cur.b], cg = coef[2 * cur.b + 1];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
@@ -115,12 +125,12 @@ struct LinfStepOp {
   int* __restrict__ bad;
   Coef<A> step, radius;
   bool normalize;
-  int64_t d;
+  SampleCursor cur;
   template <int N> FASTAT_HD void run(int64_t i) {
     A dv[N], gv[N];
     load<N>(delta, i, dv);
     load<N>(grad, i, gv);
-    SampleCursor cur(i, d);
+    cur.seek(i);
     A s = step(cur.b), r = radius(cur.b);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
@@ -134,7 +144,7 @@ struct LinfStepOp {
 #if defined(__CUDA_ARCH__)
         atomicOr(bad + cur.b, 1);  // a flag: any order gives the same result
 #else
-        bad[cur.b] |= 1;
+        __atomic_fetch_or(bad + cur.b, 1, __ATOMIC_RELAXED);  // CPU tasks may share a sample
 #endif
       }
       const A dir = normalize ? A((g > A(0)) - (g < A(0))) : g;
@@ -153,9 +163,9 @@ struct RestoreOp {
   const T* __restrict__ base;
   T* __restrict__ xout;
   const int* __restrict__ bad;
-  int64_t d;
+  SampleCursor cur;
   template <int N> FASTAT_HD void run(int64_t i) {
-    SampleCursor cur(i, d);
+    cur.seek(i);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       if (i + k >= cur.next) cur.advance(i + k);
@@ -169,29 +179,39 @@ struct RestoreOp {
 
 // ---- random starts ------------------------------------------------------------------------------------------
 
-// Draws come from (seed, flat index) with seed read from a device tensor, so a torch.Generator can supply it
-// without a host sync (graph capture); the L2 forms regenerate the same draws in both passes instead of storing them.
-template <typename A>
+// Draws come from (seed, logical index) -- the same values whatever the memory layout, and the same stream as the
+// Triton kernels -- with seed read from a device tensor, so a torch.Generator can supply it without a host sync
+// (graph capture); the L2 forms regenerate the same draws in both passes instead of storing them.
+template <typename A, int LANES = 1>
 struct NormalSumOp {
   const int64_t* __restrict__ seed;
-  A nn;
-  FASTAT_HD void reset(int64_t) { nn = A(0); }
+  LogicalIndex logical;
+  A nn[LANES];
+  FASTAT_HD void reset(int64_t) {
+#pragma unroll
+    for (int l = 0; l < LANES; ++l) nn[l] = A(0);
+  }
   template <int N> FASTAT_HD void run(int64_t i) {
     const uint64_t sd = static_cast<uint64_t>(*seed);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const A v = philox_normal(sd, 0, i + k);
-      nn += v * v;
+      const A v = philox_normal(sd, 0, logical(i + k));
+      nn[k % LANES] += v * v;
     }
   }
-  FASTAT_HD void partials(A (&out)[1]) const { out[0] = nn; }
+  FASTAT_HD void partials(A (&out)[1]) const {
+    A s = A(0);
+#pragma unroll
+    for (int l = 0; l < LANES; ++l) s += nn[l];
+    out[0] = s;
+  }
 };
 
 template <typename A>
 struct BallCoefFin {
   const int64_t* __restrict__ seed;
   Coef<A> radius;
-  int64_t d;
+  int64_t d, numel;  // numel: elements of the whole tensor (the per-sample uniforms are drawn past them)
   bool normal;  // true: N(0, (R/sqrt(D))^2) projected on the ball; false: uniform in the ball
   A* __restrict__ coef;
   FASTAT_HD void operator()(int64_t b, const A (&s)[1]) const {
@@ -202,8 +222,8 @@ struct BallCoefFin {
       const A scale = r / sqrt(A(d > 1 ? d : 1));
       c = scale * fmin(A(1), r / fmax(norm * scale, A(kNormFloor)));
     } else {
-      // ||delta|| = R * U^(1/D), U from a separate Philox subsequence; the power in fp64 as in the reference.
-      const double u = philox_uniform(static_cast<uint64_t>(*seed), 0, b, 1u);
+      // ||delta|| = R * U^(1/D), U = tl.rand(seed, numel + b) (counters past the elements'), the power in fp64.
+      const double u = philox_uniform(static_cast<uint64_t>(*seed), 0, numel + b);
       const double root = pow(u, 1.0 / static_cast<double>(d > 1 ? d : 1));
       c = static_cast<A>(root) * r / fmax(norm, A(kNormFloor));
     }
@@ -219,11 +239,12 @@ struct RandomApplyOp {
   Coef<A> radius;      // Linf forms
   const A* __restrict__ coef;  // L2 forms: per-sample multiplier of the normal draw
   int mode;            // 0: L2 (n * coef_b), 1: Linf uniform box, 2: Linf normal clamped
-  int64_t d;
+  LogicalIndex logical;
+  SampleCursor cur;
   template <int N> FASTAT_HD void run(int64_t i) {
     const uint64_t sd = static_cast<uint64_t>(*seed);
     A o[N];
-    SampleCursor cur(i, d);
+    cur.seek(i);
     A c = mode == 0 ? coef[cur.b] : radius(cur.b);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
@@ -231,10 +252,11 @@ struct RandomApplyOp {
         cur.advance(i + k);
         c = mode == 0 ? coef[cur.b] : radius(cur.b);
       }
+      const int64_t j = logical(i + k);
       if (mode == 1) {
-        o[k] = (A(2) * A(philox_uniform(sd, 0, i + k)) - A(1)) * c;
+        o[k] = (A(2) * A(philox_uniform(sd, 0, j)) - A(1)) * c;
       } else {
-        const A v = A(philox_normal(sd, 0, i + k)) * c;
+        const A v = A(philox_normal(sd, 0, j)) * c;
         o[k] = mode == 0 ? v : fmax(fmin(v, c), -c);
       }
     }

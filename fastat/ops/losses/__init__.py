@@ -12,33 +12,64 @@ from typing import Optional
 import torch
 
 from ... import _dispatch
-from ..._checks import check_choice, check_like, check_tensor, per_sample
-from ..._shapes import REDUCTIONS, Coef, column, per_sample_numel, reduce
-from ..noise import Noise, check_noise
+from ..._checks import check_choice, check_like, check_tensor, check_values, coefficient
+from ..._shapes import REDUCTIONS, Coef, accumulation_dtype, device_type, per_sample_numel
+from ..noise import Noise, SeededNoise, check_noise
+from . import reference
+from .op import RESIDUAL_LOSS
+from .reference import residual_dtype
 
 TARGETS = ("delta_detach", "delta", "original")
 REGULARIZER_MODES = ("equivariant", "invariant")
 METRICS = ("l2", "l1", "pseudo_huber")
 ICT_HUBER_C = 0.00054
-
-_dispatch.register_kernel("equivariant_mse", "torch", "fastat.ops.losses.reference:equivariant_mse")
-_dispatch.register_kernel("equivariance_regularizer", "torch", "fastat.ops.losses.reference:equivariance_regularizer")
-_dispatch.register_kernel("consistency_distance", "torch", "fastat.ops.losses.reference:consistency_distance")
-_dispatch.register_kernel("equivariant_mse", "triton", "fastat.ops.losses.triton_kernels:equivariant_mse")
-_dispatch.register_kernel("equivariance_regularizer", "triton", "fastat.ops.losses.triton_kernels:equivariance_regularizer")
-_dispatch.register_kernel("consistency_distance", "triton", "fastat.ops.losses.triton_kernels:consistency_distance")
-_dispatch.register_kernel("equivariant_mse", "cuda", "fastat.ops.losses.cuda_kernels:equivariant_mse")
-_dispatch.register_kernel("equivariance_regularizer", "cuda", "fastat.ops.losses.cuda_kernels:equivariance_regularizer")
-_dispatch.register_kernel("consistency_distance", "cuda", "fastat.ops.losses.cuda_kernels:consistency_distance")
-_dispatch.register_kernel("equivariant_mse", "cpp", "fastat.ops.losses.cpp_kernels:equivariant_mse")
-_dispatch.register_kernel("equivariance_regularizer", "cpp", "fastat.ops.losses.cpp_kernels:equivariance_regularizer")
-_dispatch.register_kernel("consistency_distance", "cpp", "fastat.ops.losses.cpp_kernels:consistency_distance")
+METRIC_CODES = {"l2": reference.L2, "l1": reference.L1, "pseudo_huber": reference.PSEUDO_HUBER}
+REDUCTION_CODES = {"none": reference.NONE, "sum": reference.SUM, "mean": reference.MEAN}
+_SIGMA_GRAD = RESIDUAL_LOSS.feature_bits["sigma_grad"]
+_WEIGHT_GRAD = RESIDUAL_LOSS.feature_bits["weight_grad"]
 
 
-def _finish(per_sample_loss: torch.Tensor, weight: Optional[Coef], reduction: str) -> torch.Tensor:
-    if weight is not None:
-        per_sample_loss = per_sample_loss * column(weight, per_sample_loss)
-    return reduce(per_sample_loss, reduction)
+def _residual_loss(a, b, c, sigma: Coef, weight: Optional[Coef], metric: str, huber_c: float, reduction: str,
+                   positive_sigma: bool) -> torch.Tensor:
+    """The per-sample loss of r = a - b - c / sigma (b a tensor or a SeededNoise), weighted and reduced, on the
+    backend that `select` picks (the shared body of the three public losses)."""
+    if isinstance(b, SeededNoise):
+        seed, offset, b = b.seed, b.offset, None
+    else:
+        seed = offset = 0
+    dtype = residual_dtype(a, b, c)
+    acc = accumulation_dtype(dtype)
+    batch, device = a.shape[0], a.device
+    sigma, sigma_s = coefficient("sigma", sigma, batch, device, acc, positive=positive_sigma)
+    if c is None:
+        sigma, sigma_s = None, 1.0
+    if weight is None:
+        weight, weight_s = None, 1.0
+    else:
+        weight, weight_s = coefficient("weight", weight, batch, device, acc)
+    grad_mode = torch.is_grad_enabled()
+    features = 0
+    if grad_mode and sigma is not None and sigma.requires_grad:
+        features |= _SIGMA_GRAD
+    if grad_mode and weight is not None and weight.requires_grad:
+        features |= _WEIGHT_GRAD
+    needs_grad = grad_mode and (a.requires_grad or (b is not None and b.requires_grad)
+                                or (c is not None and c.requires_grad) or features != 0)
+    args = [a, b, c, sigma, weight, sigma_s, weight_s, METRIC_CODES[metric], float(huber_c),
+            REDUCTION_CODES[reduction], seed, offset, needs_grad]
+    if _dispatch.compiling():
+        if features or _dispatch.traced_as_reference():
+            args[-1] = False
+            return reference.residual_loss(*args)[0]
+        return RESIDUAL_LOSS.overload(*args)[0]
+    route = _dispatch.select(RESIDUAL_LOSS, device_type(a), dtype, features, a.numel() // batch if batch else 0)
+    if not route.checks_values:
+        if positive_sigma:
+            check_values("sigma", sigma, positive=True)
+        check_values("weight", weight)
+    if route.direct:
+        args[-1] = False  # the reference's own autograd needs no stored residual
+    return _dispatch.run(RESIDUAL_LOSS, route, args, needs_grad)[0]
 
 
 def equivariant_mse(
@@ -61,15 +92,16 @@ def equivariant_mse(
     check_noise("noise", noise, "pred", pred)
     check_choice("target", target, TARGETS)
     check_choice("reduction", reduction, REDUCTIONS)
-    batch = pred.shape[0]
     if delta is not None:
         check_like("delta", delta, "pred", pred)
     elif target != "original":
         raise ValueError(f"delta is None but target={target!r} needs it (use target='original' for the plain loss)")
-    sigma = per_sample("sigma", sigma, batch, pred.device, positive=target != "original")
-    weight = per_sample("weight", weight, batch, pred.device)
-    loss = _dispatch.call("equivariant_mse", pred.device, pred, noise, delta, sigma, target)
-    return _finish(loss, weight, reduction)
+    if target == "original" or delta is None:
+        c = None
+        coefficient("sigma", sigma, pred.shape[0], pred.device, torch.float32)  # checked, unused
+    else:
+        c = delta.detach() if target == "delta_detach" else delta
+    return _residual_loss(pred, noise, c, sigma, weight, "l2", 0.0, reduction, positive_sigma=c is not None)
 
 
 def equivariance_regularizer(
@@ -92,11 +124,9 @@ def equivariance_regularizer(
         check_like("omega", omega, "pred_perturbed", pred_perturbed)
     elif mode == "equivariant":
         raise ValueError("omega is None but mode='equivariant' needs it")
-    weight = per_sample("weight", weight, pred_perturbed.shape[0], pred_perturbed.device)
-    loss = _dispatch.call(
-        "equivariance_regularizer", pred_perturbed.device, pred_perturbed, pred_clean, omega, bool(detach_anchor), mode
-    )
-    return _finish(loss, weight, reduction)
+    anchor = pred_clean.detach() if detach_anchor else pred_clean
+    c = omega if mode == "equivariant" else None
+    return _residual_loss(pred_perturbed, anchor, c, 1.0, weight, "l2", 0.0, reduction, positive_sigma=False)
 
 
 def consistency_distance(
@@ -120,6 +150,9 @@ def consistency_distance(
         c = ICT_HUBER_C * math.sqrt(per_sample_numel(pred))
     elif isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
         raise ValueError(f"c must be a finite float >= 0 or None, got {c!r}")
-    weight = per_sample("weight", weight, pred.shape[0], pred.device)
-    loss = _dispatch.call("consistency_distance", pred.device, pred, target, metric, float(c))
-    return _finish(loss, weight, reduction)
+    return _residual_loss(pred, target, None, 1.0, weight, metric, float(c), reduction, positive_sigma=False)
+
+
+_dispatch.register_public("equivariant_mse", RESIDUAL_LOSS)
+_dispatch.register_public("equivariance_regularizer", RESIDUAL_LOSS)
+_dispatch.register_public("consistency_distance", RESIDUAL_LOSS)

@@ -6,15 +6,15 @@ from typing import Optional
 import torch
 
 from ... import _dispatch
-from ..._checks import check_batch, check_like, check_tensor, per_sample
-from ..._shapes import Coef
-from ..noise import Noise, check_noise
+from ..._checks import check_batch, check_like, check_tensor, check_values, coefficient
+from ..._shapes import Coef, device_type
 from ...schedules import alpha_sigma
+from ..noise import Noise, SeededNoise, check_noise
+from . import reference
+from .op import NOISY_INPUT
+from .reference import output_dtype
 
-_dispatch.register_kernel("noisy_input", "torch", "fastat.ops.noisy_input.reference:noisy_input")
-_dispatch.register_kernel("noisy_input", "cpp", "fastat.ops.noisy_input.cpp_kernels:noisy_input")
-_dispatch.register_kernel("noisy_input", "triton", "fastat.ops.noisy_input.triton_kernels:noisy_input")
-_dispatch.register_kernel("noisy_input", "cuda", "fastat.ops.noisy_input.cuda_kernels:noisy_input")
+_COEFFICIENT_GRAD = NOISY_INPUT.feature_bits["coefficient_grad"]
 
 
 def noisy_input(
@@ -30,16 +30,37 @@ def noisy_input(
     alpha, sigma: floats or per-sample tensors of shape [B]. The result has the promoted dtype of
     x0, noise and delta (a bf16 x0 with an fp32 delta gives fp32, so the perturbation is not rounded).
     noise may be a `fastat.SeededNoise(seed, offset)`: the fp32 noise gaussian_noise(x0, seed, offset),
-    regenerated in-kernel by the Triton backend instead of read (it is left out of the dtype promotion).
+    regenerated in-kernel instead of read (it is left out of the dtype promotion).
     """
     check_tensor("x0", x0)
     check_noise("noise", noise, "x0", x0)
     if delta is not None:
         check_like("delta", delta, "x0", x0)
-    batch = x0.shape[0]
-    alpha = per_sample("alpha", alpha, batch, x0.device)
-    sigma = per_sample("sigma", sigma, batch, x0.device)
-    return _dispatch.call("noisy_input", x0.device, x0, noise, alpha, sigma, delta)
+    if isinstance(noise, SeededNoise):
+        seed, offset, noise = noise.seed, noise.offset, None
+    else:
+        seed = offset = 0
+    dtype = output_dtype(x0, noise, delta)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    batch, device = x0.shape[0], x0.device
+    alpha, alpha_s = coefficient("alpha", alpha, batch, device, acc)
+    sigma, sigma_s = coefficient("sigma", sigma, batch, device, acc)
+    args = (x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, dtype)
+    grad_mode = torch.is_grad_enabled()
+    coefficient_grad = grad_mode and (
+        (alpha is not None and alpha.requires_grad) or (sigma is not None and sigma.requires_grad))
+    if _dispatch.compiling():
+        if coefficient_grad or _dispatch.traced_as_reference():
+            return reference.noisy_input(*args)
+        return NOISY_INPUT.overload(*args)
+    route = _dispatch.select(NOISY_INPUT, device_type(x0), dtype, _COEFFICIENT_GRAD if coefficient_grad else 0,
+                             x0.numel() // batch if batch else 0)
+    if not route.checks_values:
+        check_values("alpha", alpha)
+        check_values("sigma", sigma)
+    needs_grad = grad_mode and (x0.requires_grad or (noise is not None and noise.requires_grad)
+                                or (delta is not None and delta.requires_grad) or coefficient_grad)
+    return _dispatch.run(NOISY_INPUT, route, args, needs_grad)
 
 
 def q_sample(
@@ -62,3 +83,7 @@ def q_sample(
         raise ValueError(f"timesteps is on {timesteps.device} but x0 is on {x0.device}; put them on one device")
     alpha, sigma = alpha_sigma(alphas_cumprod, timesteps)
     return noisy_input(x0, noise, alpha.to(x0.device), sigma.to(x0.device), delta)
+
+
+_dispatch.register_public("noisy_input", NOISY_INPUT)
+_dispatch.register_public("q_sample", NOISY_INPUT)
