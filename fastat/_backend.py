@@ -34,11 +34,14 @@ COMPILED = ("cpp", "cuda")  # backends whose kernels are C++ libraries (fastat._
 
 CACHE: dict = {}
 _requested: Optional[str] = None  # None = not set by the user: fall back to the env var
+_default: Optional[str] = None  # $FASTAT_BACKEND as last read (None: read it on the next call)
 
 
 def forget() -> None:
     """Drop every memoised probe and dispatch decision (they are recomputed on the next call)."""
+    global _default
     CACHE.clear()
+    _default = None
 
 
 _ext.add_listener(forget)
@@ -56,8 +59,9 @@ def set_backend(name: str) -> None:
     An explicit backend is checked now: if this machine cannot run it the call raises
     BackendUnavailableError saying why (no GPU, triton missing, extension not built).
     """
-    global _requested
+    global _requested, _default
     name = _check_choice(name)
+    _default = None
     if name != "auto":
         ok, why = backend_status(name)
         if not ok:
@@ -65,10 +69,7 @@ def set_backend(name: str) -> None:
     _requested = name
 
 
-def get_backend() -> str:
-    """The backend in force: the last `set_backend`, else $FASTAT_BACKEND, else "auto"."""
-    if _requested is not None:
-        return _requested
+def _env_choice() -> str:
     env = os.environ.get(ENV_VAR)
     if not env:
         return "auto"
@@ -76,6 +77,23 @@ def get_backend() -> str:
         return _check_choice(env.strip())
     except ValueError:
         raise ValueError(f"environment variable {ENV_VAR}={env!r} must be one of {CHOICES}") from None
+
+
+def get_backend() -> str:
+    """The backend in force: the last `set_backend`, else $FASTAT_BACKEND, else "auto"."""
+    global _default
+    if _requested is not None:
+        return _requested
+    _default = None  # read the environment again (and keep the answer for the ops' hot path)
+    _default = _env_choice()
+    return _default
+
+
+def choice() -> str:
+    """get_backend() for the ops' hot path: $FASTAT_BACKEND is read once (os.environ.get costs ~8k instructions)
+    and again on every get_backend(), set_backend() and forget()."""
+    return _requested or _default or get_backend()
+
 
 
 @contextlib.contextmanager

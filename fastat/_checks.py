@@ -16,6 +16,7 @@ import torch
 Coef = Union[float, torch.Tensor]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOATS = frozenset(FLOAT_DTYPES)
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
@@ -37,11 +38,18 @@ def check_tensor(name: str, x, *, min_ndim: int = 1) -> torch.Tensor:
 
 def check_like(name: str, x, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
     """`x` is a floating tensor with the same shape and device as `ref`."""
-    check_tensor(name, x)
-    if x.shape != ref.shape:
-        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
-    if x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; put them on one device")
+    return check_same(name, x, ref_name, ref.shape, ref.device)
+
+
+def check_same(name: str, x, ref_name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """`x` is a floating tensor of the reference's `shape` on its `device` (check_like with the reference's
+    attributes read once: the ops' hot path)."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
+        check_tensor(name, x)
+    if x.shape != shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(shape)}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {device}; put them on one device")
     return x
 
 
@@ -115,19 +123,21 @@ def coefficient(
     [B] tensor in the accumulation dtype `acc` and 0.0 for a tensor (a 0-d tensor is expanded, [B, 1, ...] is
     accepted; gradients flow through the conversion). A tensor's values are checked by `check_values`."""
     if isinstance(value, torch.Tensor):
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        dtype = value.dtype
+        if dtype is not acc and not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {dtype}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but the data is on {device}")
-        if value.ndim != 1 or value.shape[0] != batch:
-            if value.ndim == 0:
+        shape = value.shape
+        if len(shape) != 1 or shape[0] != batch:
+            if not shape:
                 value = value.expand(batch)
-            elif value.numel() != batch or any(s != 1 for s in value.shape[1:]):
+            elif value.numel() != batch or any(s != 1 for s in shape[1:]):
                 raise ValueError(
-                    f"{name} must be a float or have one value per sample (shape [{batch}]), got shape {tuple(value.shape)}"
+                    f"{name} must be a float or have one value per sample (shape [{batch}]), got shape {tuple(shape)}"
                 )
             value = value.reshape(batch)
-        if value.dtype != acc:
+        if dtype is not acc:
             value = value.to(acc)
         if not value.is_contiguous():
             value = value.contiguous()

@@ -68,6 +68,7 @@ NAMESPACES = {"cpp": CPU_NAMESPACE, "cuda": CUDA_NAMESPACE}
 
 _lock = threading.RLock()
 _loaded: dict = {}  # kind -> description of what was loaded (a loaded library stays loaded)
+_modules: dict = {}  # kind -> the loaded library as a Python module (its direct kernel entries)
 _failed: dict = {}  # kind -> one-line reason a build or load failed (not retried in this process)
 _listeners: list = []  # called after a library was loaded or failed to load
 
@@ -212,8 +213,17 @@ def _load_prebuilt() -> bool:
     except ImportError as exc:  # built against another torch: the JIT build takes over
         _failed["prebuilt"] = f"prebuilt {PREBUILT_CPU_MODULE} does not load ({_one_line(exc)})"
         return False
+    _modules["cpp"] = module
     _loaded["cpp"] = f"built (prebuilt {PREBUILT_CPU_MODULE} at {module.__file__})"
     return True
+
+
+def _import_library(name: str, path: Path):
+    """Import a built library file as the Python module `name` (it registers its kernels as it loads)."""
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _load_cpp() -> None:
@@ -224,11 +234,11 @@ def _load_cpp() -> None:
     cached = _cached_library()
     if cached is not None:
         try:
-            torch.ops.load_library(str(cached))
+            _modules["cpp"] = _import_library(cpu_library(), cached)
             _loaded["cpp"] = f"built (cached at {cached.parent})"
             return
-        except OSError:
-            pass  # unreadable or truncated: rebuild
+        except (OSError, ImportError):
+            pass  # unreadable, truncated or from an older fastat: rebuild
     # 3. Build now.
     sources = cpu_sources()
     if not sources:
@@ -243,14 +253,14 @@ def _load_cpp() -> None:
     folder = cpu_build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        library = cpp_extension.load(
+        module = cpp_extension.load(
             name=cpu_library(),
             sources=[str(s) for s in sources],
             extra_cflags=list(cpu_cflags()),
             extra_ldflags=list(CPU_LDFLAGS),
             extra_include_paths=[str(shared_include_dir(sources))],
             build_directory=str(folder),
-            is_python_module=False,
+            is_python_module=True,
             verbose=os.environ.get("FASTAT_VERBOSE_BUILD", "0") not in ("", "0"),
         )
     except Exception as exc:
@@ -259,7 +269,8 @@ def _load_cpp() -> None:
             f"(rerun with FASTAT_VERBOSE_BUILD=1 for the compiler output; build folder {folder})"
         ) from exc
     (folder / "fastat_fingerprint.txt").write_text(_fingerprint(sources) + "\n")
-    _loaded["cpp"] = f"built (cached at {Path(library).parent})"
+    _modules["cpp"] = module
+    _loaded["cpp"] = f"built (cached at {Path(module.__file__).parent})"
 
 
 def _load_cuda() -> None:
@@ -271,6 +282,7 @@ def _load_cuda() -> None:
         module = importlib.import_module(CUDA_MODULE)
     except ImportError as exc:
         raise BackendUnavailableError(f"{CUDA_MODULE} does not load: {_one_line(exc)}") from exc
+    _modules["cuda"] = module
     _loaded["cuda"] = f"built ({CUDA_MODULE} at {module.__file__})"
 
 
@@ -306,6 +318,13 @@ def load(kind: str):
                 raise
             _changed()
     return namespace
+
+
+def module(kind: str):
+    """The loaded library as a Python module: one direct entry per kernel (csrc/cuda/python_entry.h), what
+    fastat's eager route calls. Loads it first (see `load`)."""
+    load(kind)
+    return _modules[kind]
 
 
 def is_built(kind: str) -> bool:

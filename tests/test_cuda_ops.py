@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import types
 
 import pytest
 import torch
@@ -43,8 +44,10 @@ def cuda_as_cpp(monkeypatch):
     library = torch.library.Library("fastat_cuda", "IMPL")
     for name in _dispatch.registered_ops():
         library.impl(name, getattr(cpp, name).default, "CPU")
-    saved_load = _ext.load
-    monkeypatch.setattr(_ext, "load", lambda kind: torch.ops.fastat_cuda if kind == "cuda" else saved_load(kind))
+    # the library's direct entries (what the eager route calls) are here the stand-in operators themselves
+    entries = types.SimpleNamespace(**{name: getattr(torch.ops.fastat_cuda, name).default for name in _dispatch.registered_ops()})
+    saved_module = _ext.module
+    monkeypatch.setattr(_ext, "module", lambda kind: entries if kind == "cuda" else saved_module(kind))
     status = _backend.backend_status
     monkeypatch.setattr(_backend, "backend_status", lambda name: (True, "stand-in") if name == "cuda" else status(name))
     monkeypatch.setattr(_backend, "device_refusal", lambda backend, device: None)

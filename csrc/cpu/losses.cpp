@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_loss_backward(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastat_cpp::residual_loss_backward", [&] {
       using T = scalar_t;
       using A = fastat::acc_t<T>;
-      elementwise(n, fastat::ResidualGradOp<T>{residual.const_data_ptr<T>(), g.const_data_ptr<A>(), ps.const_data_ptr<A>(),
+      elementwise(n, d, fastat::ResidualGradOp<T>{residual.const_data_ptr<T>(), g.const_data_ptr<A>(), ps.const_data_ptr<A>(),
                                                a_dtype ? ga.mutable_data_ptr<T>() : nullptr,
                                                b_dtype ? gb.mutable_data_ptr<T>() : nullptr,
                                                c_dtype ? gc.mutable_data_ptr<T>() : nullptr,

@@ -32,7 +32,7 @@ at::Tensor noisy_input(const at::Tensor& x0_in, const c10::optional<at::Tensor>&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastat_cpp::noisy_input", [&] {
     using T = scalar_t;
     using A = fastat::acc_t<T>;
-    elementwise(n, fastat::NoisyInputOp<T>{x0.const_data_ptr<T>(), seeded ? nullptr : noise.const_data_ptr<T>(),
+    elementwise(n, d, fastat::NoisyInputOp<T>{x0.const_data_ptr<T>(), seeded ? nullptr : noise.const_data_ptr<T>(),
                                            delta.defined() ? delta.const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>(),
                                            fastat::make_coef<A>(alpha, alpha_s), fastat::make_coef<A>(sigma, sigma_s),
                                            fastat::logical_index(out, layout), static_cast<uint64_t>(seed),
@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> noisy_input_backward(const at::Tensor& grad_i
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastat_cpp::noisy_input_backward", [&] {
       using T = scalar_t;
       using A = fastat::acc_t<T>;
-      elementwise(n, fastat::NoisyInputGradOp<T>{grad.const_data_ptr<T>(), x0_dtype ? gx.mutable_data_ptr<T>() : nullptr,
+      elementwise(n, d, fastat::NoisyInputGradOp<T>{grad.const_data_ptr<T>(), x0_dtype ? gx.mutable_data_ptr<T>() : nullptr,
                                                  noise_dtype ? gn.mutable_data_ptr<T>() : nullptr,
                                                  fastat::make_coef<A>(alpha, alpha_s), fastat::make_coef<A>(sigma, sigma_s),
                                                  SampleCursor(d)});
@@ -74,11 +74,11 @@ at::Tensor gaussian_noise(const at::Tensor& like, int64_t seed, int64_t offset, 
   const at::MemoryFormat format =
       !cl ? at::MemoryFormat::Contiguous : (like.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
   at::Tensor out = at::empty(like.sizes(), like.options().dtype(dtype).memory_format(format));
-  const int64_t n = out.numel();
+  const int64_t n = out.numel(), d = fastat::sample_numel(out);
   if (n == 0) return out;
   const fastat::LogicalIndex logical = fastat::logical_index(out, Layout{!cl, cl});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastat_cpp::gaussian_noise", [&] {
-    elementwise(n, fastat::GaussianOp<scalar_t>{out.mutable_data_ptr<scalar_t>(), logical, static_cast<uint64_t>(seed),
+    elementwise(n, d, fastat::GaussianOp<scalar_t>{out.mutable_data_ptr<scalar_t>(), logical, static_cast<uint64_t>(seed),
                                                 static_cast<uint64_t>(offset)});
   });
   return out;

@@ -1,10 +1,12 @@
-// Registration of the CPU kernels for the operators of the fastat_cpp namespace. The schemas are not here: fastat
-// defines each operator once, in Python (fastat/_dispatch.py), for every backend; this library only contributes
-// kernels, and the dispatcher checks each function's signature against the schema when the library loads.
+// Registration of the CPU kernels: for the operators of the fastat_cpp namespace (the operator path: torch.compile,
+// torch.ops), and as direct Python entries of this module (fastat's eager route; csrc/cuda/python_entry.h). The
+// schemas are not here: fastat defines each operator once, in Python (fastat/_dispatch.py), for every backend; the
+// dispatcher checks each function's signature against it when the library loads.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "kernels.h"
+#include "python_entry.h"
 
 TORCH_LIBRARY_IMPL(fastat_cpp, CPU, m) {
   m.impl("noisy_input", &fastat_cpu::noisy_input);
@@ -16,7 +18,24 @@ TORCH_LIBRARY_IMPL(fastat_cpp, CPU, m) {
   m.impl("residual_loss_backward", &fastat_cpu::residual_loss_backward);
 }
 
-// Lets setup.py's prebuilt `fastat._C` be imported as a module; the kernels register when the library loads.
-// The JIT build (fastat._ext) loads the same code with torch.ops.load_library and ignores this.
-static struct PyModuleDef fastat_c_module = {PyModuleDef_HEAD_INIT, "_C", "fastat CPU kernels", -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastat_c_module); }
+static PyMethodDef fastat_cpp_methods[] = {
+    FASTAT_ENTRY("noisy_input", fastat_cpu::noisy_input),
+    FASTAT_ENTRY("noisy_input_backward", fastat_cpu::noisy_input_backward),
+    FASTAT_ENTRY("gaussian_noise", fastat_cpu::gaussian_noise),
+    FASTAT_ENTRY("pgd_step", fastat_cpu::pgd_step),
+    FASTAT_ENTRY("random_perturbation", fastat_cpu::random_perturbation),
+    FASTAT_ENTRY("residual_loss", fastat_cpu::residual_loss),
+    FASTAT_ENTRY("residual_loss_backward", fastat_cpu::residual_loss_backward),
+    {nullptr, nullptr, 0, nullptr},
+};
+
+// The module is the prebuilt `fastat._C` (setup.py) or the just-in-time build fastat_cpu_ops_<isa> (fastat._ext);
+// TORCH_EXTENSION_NAME is the build's module name either way.
+#define FASTAT_STRINGIFY_(x) #x
+#define FASTAT_STRINGIFY(x) FASTAT_STRINGIFY_(x)
+#define FASTAT_CONCAT_(a, b) a##b
+#define FASTAT_CONCAT(a, b) FASTAT_CONCAT_(a, b)
+
+static struct PyModuleDef fastat_cpp_module = {PyModuleDef_HEAD_INIT, FASTAT_STRINGIFY(TORCH_EXTENSION_NAME),
+                                               "fastat's CPU kernels", -1, fastat_cpp_methods};
+PyMODINIT_FUNC FASTAT_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&fastat_cpp_module); }

@@ -54,10 +54,10 @@ std::tuple<at::Tensor, at::Tensor> pgd_step(const at::Tensor& delta_in, const at
                          fastat::L2CoefFin<A>{cs, cr, normalize, coef.data()}, RunAfter<fastat::L2ApplyOp<T>>{apply});
       } else {
         std::vector<int> bad(static_cast<size_t>(batch), 0);
-        elementwise(n, fastat::LinfStepOp<T>{pd, pg, po, pb, px, bad.data(), cs, cr, normalize, SampleCursor(d)});
+        elementwise(n, d, fastat::LinfStepOp<T>{pd, pg, po, pb, px, bad.data(), cs, cr, normalize, SampleCursor(d)});
         bool any = false;
         for (int flag : bad) any = any || flag != 0;
-        if (any) elementwise(n, fastat::RestoreOp<T>{pd, po, pb, px, bad.data(), SampleCursor(d)});
+        if (any) elementwise(n, d, fastat::RestoreOp<T>{pd, po, pb, px, bad.data(), SampleCursor(d)});
       }
     });
   }
@@ -96,7 +96,7 @@ at::Tensor random_perturbation(const at::Tensor& like, const at::Tensor& seed, c
       per_sample_passes<1, A>(make_tiles(batch, d), fastat::NormalSumOp<A, kLanes>{sd, logical},
                        fastat::BallCoefFin<A>{sd, cr, d, n, normal, coef.data()}, RunAfter<fastat::RandomApplyOp<T>>{apply});
     } else {
-      elementwise(n, fastat::RandomApplyOp<T>{po, sd, cr, nullptr, normal ? 2 : 1, logical, SampleCursor(d)});
+      elementwise(n, d, fastat::RandomApplyOp<T>{po, sd, cr, nullptr, normal ? 2 : 1, logical, SampleCursor(d)});
     }
   });
   return out;

@@ -1,13 +1,14 @@
-// The Python module fastat._C_cuda: importing it registers the CUDA kernels of the fastat_cuda::* operators. The
-// schemas are not here: fastat defines each operator once, in Python (fastat/_dispatch.py), for every backend; this
-// library only contributes kernels, and the dispatcher checks each signature against the schema when it loads.
+// The Python module fastat._C_cuda: importing it registers the CUDA kernels of the fastat_cuda::* operators (the
+// operator path: torch.compile, torch.ops) and holds their direct Python entries (fastat's eager route;
+// python_entry.h). The schemas are not here: fastat defines each operator once, in Python (fastat/_dispatch.py),
+// for every backend; the dispatcher checks each signature against the schema when the library loads.
 // The only translation unit that includes torch/library.h; the kernels live in light .cu files (ops.h).
-// No pybind11: a bare CPython module is enough, the ops are reached through torch.ops.fastat_cuda.
 #include <Python.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
 #include "ops.h"
+#include "python_entry.h"
 
 TORCH_LIBRARY_IMPL(fastat_cuda, CUDA, m) {
   m.impl("noisy_input", &fastat::noisy_input_cuda);
@@ -19,8 +20,20 @@ TORCH_LIBRARY_IMPL(fastat_cuda, CUDA, m) {
   m.impl("residual_loss_backward", &fastat::residual_loss_backward_cuda);
 }
 
+static PyMethodDef fastat_cuda_methods[] = {
+    FASTAT_ENTRY("noisy_input", fastat::noisy_input_cuda),
+    FASTAT_ENTRY("noisy_input_backward", fastat::noisy_input_backward_cuda),
+    FASTAT_ENTRY("gaussian_noise", fastat::gaussian_noise_cuda),
+    FASTAT_ENTRY("pgd_step", fastat::pgd_step_cuda),
+    FASTAT_ENTRY("random_perturbation", fastat::random_perturbation_cuda),
+    FASTAT_ENTRY("residual_loss", fastat::residual_loss_cuda),
+    FASTAT_ENTRY("residual_loss_backward", fastat::residual_loss_backward_cuda),
+    {nullptr, nullptr, 0, nullptr},
+};
+
 static struct PyModuleDef fastat_cuda_module = {PyModuleDef_HEAD_INIT, "_C_cuda",
-                                                "fastat's CUDA kernels; the ops live in torch.ops.fastat_cuda", -1, nullptr};
+                                                "fastat's CUDA kernels; the ops live in torch.ops.fastat_cuda", -1,
+                                                fastat_cuda_methods};
 
 PyMODINIT_FUNC PyInit__C_cuda(void) {
   PyObject* module = PyModule_Create(&fastat_cuda_module);

@@ -120,10 +120,12 @@ inline void check_coef_values(const c10::optional<at::Tensor>& t, const char* na
     low = v < low ? v : low;
   }
   TORCH_CHECK_VALUE(finite, name, " must be finite, got non-finite values");
-  char text[32];
-  std::snprintf(text, sizeof(text), "%g", low);
-  TORCH_CHECK_VALUE(sign != Sign::kPositive || low > 0, name, " must be > 0, got min ", text);
-  TORCH_CHECK_VALUE(sign != Sign::kNonnegative || low >= 0, name, " must be >= 0, got min ", text);
+  const bool ok = sign == Sign::kAny || (sign == Sign::kPositive ? low > 0 : low >= 0);
+  if (!ok) {
+    char text[32];
+    std::snprintf(text, sizeof(text), "%g", low);
+    TORCH_CHECK_VALUE(false, name, sign == Sign::kPositive ? " must be > 0, got min " : " must be >= 0, got min ", text);
+  }
 }
 
 // The accumulation dtype of a data dtype: fp64 for fp64, fp32 otherwise.

@@ -51,6 +51,27 @@ struct SampleCursor {
   }
 };
 
+// Runs body(k, c) for the elements i + k (k < N) of a pack, with c = coefs(b) the per-sample values of the element's
+// sample b: one lookup when the pack lies inside one sample (always when D is a multiple of N), so the loop over k
+// is branch-free and the CPU compiler vectorises it; a pack straddling samples is walked element by element.
+template <int N, typename Coefs, typename Body>
+FASTAT_HD void for_pack(SampleCursor& cur, int64_t i, const Coefs& coefs, const Body& body) {
+  cur.seek(i);
+  auto c = coefs(cur.b);
+  if (i + N <= cur.next) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) body(k, c);
+  } else {
+    for (int k = 0; k < N; ++k) {
+      if (i + k >= cur.next) {
+        cur.advance(i + k);
+        c = coefs(cur.b);
+      }
+      body(k, c);
+    }
+  }
+}
+
 // Logical (row-major) index of flat memory element i, so that in-kernel random draws do not depend on the memory
 // layout: the identity for contiguous tensors; for channels_last ones (memory order batch, spatial..., channel) the
 // memory position p = s * C + c inside a sample holds logical element c * S + s (S = spatial size).

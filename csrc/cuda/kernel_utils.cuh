@@ -73,4 +73,8 @@ template <typename A> struct Coef {
   }
 };
 
+template <typename A> struct Pair {
+  A first, second;
+};
+
 }  // namespace fastat

@@ -1,6 +1,7 @@
 // Functors of losses.cu and csrc/cpu/losses.cpp: the one source of the per-element maths of the residual losses,
 // forward and backward, on the GPU and on the CPU. Free of ATen, so that g++ compiles it for the CPU kernels and
-// tests/test_cuda_build.py checks it against the float64 reference.
+// tests/test_cuda_build.py checks it against the float64 reference. Each functor has the formula, the GPU walk
+// `run<N>(i)` and the CPU walk `span(lo, hi, ...)` (a plain loop over memory that g++ vectorises).
 //
 //   r = a - b - c / sigma_b        (c optional; b may be seeded noise drawn at the logical index)
 //   metric 0: v_b = sum(r^2) / D;  1: sum(|r|) / D;  2 (pseudo-Huber): sqrt(sum(r^2) + h^2) - h
@@ -36,6 +37,9 @@ struct ResidualOp {
 #pragma unroll
     for (int l = 0; l < LANES; ++l) sum[l] = A(0);
   }
+  static FASTAT_HD A residual_of(A av, A bv, A cv, A sb) { return HAS_C ? av - bv - cv / sb : av - bv; }
+  FASTAT_HD A noise_at(int64_t i) const { return static_cast<A>(philox_normal(seed, offset, logical(i))); }
+
   template <int N> FASTAT_HD void run(int64_t i) {
     A av[N], bv[N], cv[N];
     load<N>(a, i, av);
@@ -47,11 +51,13 @@ struct ResidualOp {
     }
     if constexpr (HAS_C) load<N>(c, i, cv);
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      A r = av[j] - bv[j];
-      if constexpr (HAS_C) r -= cv[j] / sb;
-      av[j] = r;
-      sum[j % LANES] += abs_metric ? fabs(r) : r * r;
+    for (int j = 0; j < N; ++j) av[j] = residual_of(av[j], bv[j], HAS_C ? cv[j] : A(0), sb);
+    if (abs_metric) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) sum[j % LANES] += fabs(av[j]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < N; ++j) sum[j % LANES] += av[j] * av[j];
     }
     if (residual != nullptr) store<N>(residual, i, av);
   }
@@ -60,6 +66,34 @@ struct ResidualOp {
 #pragma unroll
     for (int l = 0; l < LANES; ++l) s += sum[l];
     out[0] = s;
+  }
+
+  // CPU: elements [lo, hi) of the sample given to reset(), LANES at a time into the partial sums.
+  void span(int64_t lo, int64_t hi) {
+    auto r_at = [&](int64_t i) {
+      const A bv = b == nullptr ? noise_at(i) : to_acc(b[i]);
+      return residual_of(to_acc(a[i]), bv, HAS_C ? to_acc(c[i]) : A(0), sb);
+    };
+    int64_t i = lo;
+    if (b != nullptr && residual == nullptr) {  // the common forward without a stored residual: loads only
+      for (; i + LANES <= hi; i += LANES)
+        for (int l = 0; l < LANES; ++l) {
+          const A r = residual_of(to_acc(a[i + l]), to_acc(b[i + l]), HAS_C ? to_acc(c[i + l]) : A(0), sb);
+          sum[l] += abs_metric ? fabs(r) : r * r;
+        }
+    } else {
+      for (; i + LANES <= hi; i += LANES)
+        for (int l = 0; l < LANES; ++l) {
+          const A r = r_at(i + l);
+          if (residual != nullptr) residual[i + l] = from_acc<T>(r);
+          sum[l] += abs_metric ? fabs(r) : r * r;
+        }
+    }
+    for (int l = 0; i < hi; ++i, ++l) {
+      const A r = r_at(i);
+      if (residual != nullptr) residual[i] = from_acc<T>(r);
+      sum[l] += abs_metric ? fabs(r) : r * r;
+    }
   }
 };
 
@@ -111,23 +145,35 @@ struct ResidualGradOp {
   template <int N> FASTAT_HD void run(int64_t i) {
     A r[N], ga[N], gb[N], gc[N];
     load<N>(residual, i, r);
-    cur.seek(i);
-    A f = factor(cur.b), sb = out_c != nullptr ? sigma(cur.b) : A(1);
+    if (metric == 1) {
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      if (i + j >= cur.next) {
-        cur.advance(i + j);
-        f = factor(cur.b);
-        if (out_c != nullptr) sb = sigma(cur.b);
-      }
-      const A v = metric == 1 ? A((r[j] > A(0)) - (r[j] < A(0))) : r[j];
-      ga[j] = f * v;
-      gb[j] = -ga[j];
-      gc[j] = -ga[j] / sb;
+      for (int j = 0; j < N; ++j) r[j] = A((r[j] > A(0)) - (r[j] < A(0)));
     }
+    const bool want_c = out_c != nullptr;
+    for_pack<N>(cur, i, [&](int64_t b) { return Pair<A>{factor(b), want_c ? sigma(b) : A(1)}; },
+                [&](int j, const Pair<A>& f) {
+                  ga[j] = f.first * r[j];
+                  gb[j] = -ga[j];
+                  gc[j] = -ga[j] / f.second;
+                });
     if (out_a != nullptr) store<N>(out_a, i, ga);
     if (out_b != nullptr) store<N>(out_b, i, gb);
     if (out_c != nullptr) store<N>(out_c, i, gc);
+  }
+
+  bool uniform() const { return false; }
+  void span(int64_t lo, int64_t hi, int64_t b) const {
+    const A f = factor(b), sb = out_c != nullptr ? sigma(b) : A(1);
+    auto v = [&](int64_t i) {
+      const A r = to_acc(residual[i]);
+      return metric == 1 ? A((r > A(0)) - (r < A(0))) : r;
+    };
+    if (out_a != nullptr)
+      for (int64_t i = lo; i < hi; ++i) out_a[i] = from_acc<T>(f * v(i));
+    if (out_b != nullptr)
+      for (int64_t i = lo; i < hi; ++i) out_b[i] = from_acc<T>(-(f * v(i)));
+    if (out_c != nullptr)
+      for (int64_t i = lo; i < hi; ++i) out_c[i] = from_acc<T>(-(f * v(i)) / sb);
   }
 };
 

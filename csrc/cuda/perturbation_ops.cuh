@@ -1,6 +1,7 @@
 // Functors of perturbation.cu and csrc/cpu/perturbation.cpp: the one source of the per-element and per-sample maths
 // of the PGD steps and the random starts, on the GPU and on the CPU. Free of ATen, so that g++ compiles it for the
-// CPU kernels and tests/test_cuda_build.py checks it against the float64 reference.
+// CPU kernels and tests/test_cuda_build.py checks it against the float64 reference. Each functor has the formula,
+// the GPU walk `run<N>(i)` and the CPU walk `span(lo, hi, ...)` (a plain loop over memory that g++ vectorises).
 #pragma once
 
 #include "kernel_utils.cuh"
@@ -17,6 +18,12 @@ FASTAT_HD void add_base(const T* __restrict__ base, T* __restrict__ xout, int64_
 #pragma unroll
   for (int k = 0; k < N; ++k) bv[k] += to_acc(from_acc<T>(v[k]));
   store<N>(xout, i, bv);
+}
+
+// CPU: xout = base + T(delta') over [lo, hi).
+template <typename T>
+void add_base_span(const T* __restrict__ base, const T* __restrict__ delta_new, T* __restrict__ xout, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; ++i) xout[i] = from_acc<T>(to_acc(base[i]) + to_acc(delta_new[i]));
 }
 
 // ---- L2 -----------------------------------------------------------------------------------------------------
@@ -55,6 +62,20 @@ struct L2StatsOp {
       out[2] += dd[l];
       out[3] += bad[l];
     }
+  }
+
+  void span(int64_t lo, int64_t hi) {
+    int64_t i = lo;
+    auto add = [&](int l, int64_t j) {
+      const A d = to_acc(delta[j]), g = to_acc(grad[j]);
+      gg[l] += g * g;
+      dg[l] += d * g;
+      dd[l] += d * d;
+      bad[l] += finite(g) ? A(0) : A(1);
+    };
+    for (; i + LANES <= hi; i += LANES)
+      for (int l = 0; l < LANES; ++l) add(l, i + l);
+    for (int l = 0; i < hi; ++i, ++l) add(l, i);
   }
 };
 
@@ -95,20 +116,22 @@ struct L2ApplyOp {
     A dv[N], gv[N];
     load<N>(delta, i, dv);
     load<N>(grad, i, gv);
-    cur.seek(i);
-    A cd = coef[2 * cur.b], cg = coef[2 * cur.b + 1];
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      if (i + k >= cur.next) {
-        cur.advance(i + k);
-        cd = coef[2 * cur.b];
-        cg = coef[2 * cur.b + 1];
-      }
-      // cg == 0 for skipped samples: never multiply a NaN/Inf gradient into the kept delta.
-      dv[k] = cg != A(0) ? cd * dv[k] + cg * gv[k] : cd * dv[k];
-    }
+    // cg == 0 for skipped samples: never multiply a NaN/Inf gradient into the kept delta.
+    for_pack<N>(cur, i, [&](int64_t b) { return Pair<A>{coef[2 * b], coef[2 * b + 1]}; },
+                [&](int k, const Pair<A>& c) { dv[k] = c.second != A(0) ? c.first * dv[k] + c.second * gv[k] : c.first * dv[k]; });
     store<N>(out, i, dv);
     if (base != nullptr) add_base<N>(base, xout, i, dv);
+  }
+
+  bool uniform() const { return false; }
+  void span(int64_t lo, int64_t hi, int64_t b) const {
+    const A cd = coef[2 * b], cg = coef[2 * b + 1];
+    if (cg != A(0)) {
+      for (int64_t i = lo; i < hi; ++i) out[i] = from_acc<T>(cd * to_acc(delta[i]) + cg * to_acc(grad[i]));
+    } else {
+      for (int64_t i = lo; i < hi; ++i) out[i] = from_acc<T>(cd * to_acc(delta[i]));
+    }
+    if (base != nullptr) add_base_span(base, out, xout, lo, hi);
   }
 };
 
@@ -130,28 +153,47 @@ struct LinfStepOp {
     A dv[N], gv[N];
     load<N>(delta, i, dv);
     load<N>(grad, i, gv);
-    cur.seek(i);
-    A s = step(cur.b), r = radius(cur.b);
+    bool all_finite = true;
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      if (i + k >= cur.next) {
-        cur.advance(i + k);
-        s = step(cur.b);
-        r = radius(cur.b);
-      }
-      const A g = gv[k];
-      if (!finite(g)) {
+    for (int k = 0; k < N; ++k) all_finite = all_finite && finite(gv[k]);
+    if (!all_finite) {  // rare: flag the samples of the non-finite elements (a flag: any order gives the same result)
+      SampleCursor at(i, cur.d);
+      for (int k = 0; k < N; ++k) {
+        at.advance(i + k);
+        if (!finite(gv[k])) {
 #if defined(__CUDA_ARCH__)
-        atomicOr(bad + cur.b, 1);  // a flag: any order gives the same result
+          atomicOr(bad + at.b, 1);
 #else
-        __atomic_fetch_or(bad + cur.b, 1, __ATOMIC_RELAXED);  // CPU tasks may share a sample
+          __atomic_fetch_or(bad + at.b, 1, __ATOMIC_RELAXED);  // CPU tasks may share a sample
 #endif
+        }
       }
-      const A dir = normalize ? A((g > A(0)) - (g < A(0))) : g;
-      dv[k] = fmax(fmin(dv[k] + s * dir, r), -r);
     }
+    if (normalize) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) gv[k] = A((gv[k] > A(0)) - (gv[k] < A(0)));
+    }
+    for_pack<N>(cur, i, [&](int64_t b) { return Pair<A>{step(b), radius(b)}; },
+                [&](int k, const Pair<A>& c) { dv[k] = fmax(fmin(dv[k] + c.first * gv[k], c.second), -c.second); });
     store<N>(out, i, dv);
     if (base != nullptr) add_base<N>(base, xout, i, dv);
+  }
+
+  bool uniform() const { return false; }
+  void span(int64_t lo, int64_t hi, int64_t b) const {
+    const A s = step(b), r = radius(b);
+    bool all_finite = true;
+    for (int64_t i = lo; i < hi; ++i) all_finite &= finite(to_acc(grad[i]));
+    if (!all_finite) __atomic_fetch_or(bad + b, 1, __ATOMIC_RELAXED);  // CPU tasks may share a sample
+    if (normalize) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const A g = to_acc(grad[i]);
+        out[i] = from_acc<T>(fmax(fmin(to_acc(delta[i]) + s * A((g > A(0)) - (g < A(0))), r), -r));
+      }
+    } else {
+      for (int64_t i = lo; i < hi; ++i) out[i] = from_acc<T>(fmax(fmin(to_acc(delta[i]) + s * to_acc(grad[i]), r), -r));
+    }
+    if (base != nullptr) add_base_span(base, out, xout, lo, hi);
   }
 };
 
@@ -166,6 +208,7 @@ struct RestoreOp {
   SampleCursor cur;
   template <int N> FASTAT_HD void run(int64_t i) {
     cur.seek(i);
+    if (i + N <= cur.next && !bad[cur.b]) return;  // the common case: a pack of one finite sample
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       if (i + k >= cur.next) cur.advance(i + k);
@@ -174,6 +217,13 @@ struct RestoreOp {
         if (base != nullptr) xout[i + k] = from_acc<T>(to_acc(base[i + k]) + to_acc(delta[i + k]));
       }
     }
+  }
+
+  bool uniform() const { return false; }
+  void span(int64_t lo, int64_t hi, int64_t b) const {
+    if (!bad[b]) return;
+    for (int64_t i = lo; i < hi; ++i) out[i] = delta[i];
+    if (base != nullptr) add_base_span(base, delta, xout, lo, hi);
   }
 };
 
@@ -204,6 +254,20 @@ struct NormalSumOp {
 #pragma unroll
     for (int l = 0; l < LANES; ++l) s += nn[l];
     out[0] = s;
+  }
+
+  void span(int64_t lo, int64_t hi) {
+    const uint64_t sd = static_cast<uint64_t>(*seed);
+    int64_t i = lo;
+    for (; i + LANES <= hi; i += LANES)
+      for (int l = 0; l < LANES; ++l) {
+        const A v = philox_normal(sd, 0, logical(i + l));
+        nn[l] += v * v;
+      }
+    for (int l = 0; i < hi; ++i, ++l) {
+      const A v = philox_normal(sd, 0, logical(i));
+      nn[l] += v * v;
+    }
   }
 };
 
@@ -244,23 +308,29 @@ struct RandomApplyOp {
   template <int N> FASTAT_HD void run(int64_t i) {
     const uint64_t sd = static_cast<uint64_t>(*seed);
     A o[N];
-    cur.seek(i);
-    A c = mode == 0 ? coef[cur.b] : radius(cur.b);
+    A u[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      if (i + k >= cur.next) {
-        cur.advance(i + k);
-        c = mode == 0 ? coef[cur.b] : radius(cur.b);
-      }
       const int64_t j = logical(i + k);
-      if (mode == 1) {
-        o[k] = (A(2) * A(philox_uniform(sd, 0, j)) - A(1)) * c;
-      } else {
-        const A v = A(philox_normal(sd, 0, j)) * c;
-        o[k] = mode == 0 ? v : fmax(fmin(v, c), -c);
-      }
+      u[k] = mode == 1 ? A(2) * A(philox_uniform(sd, 0, j)) - A(1) : A(philox_normal(sd, 0, j));
     }
+    for_pack<N>(cur, i, [&](int64_t b) { return mode == 0 ? coef[b] : radius(b); },
+                [&](int k, A c) {
+                  const A v = u[k] * c;
+                  o[k] = mode == 2 ? fmax(fmin(v, c), -c) : v;
+                });
     store<N>(out, i, o);
+  }
+
+  bool uniform() const { return mode != 0 && radius.ptr == nullptr; }
+  void span(int64_t lo, int64_t hi, int64_t b) const {
+    const uint64_t sd = static_cast<uint64_t>(*seed);
+    const A c = mode == 0 ? coef[b] : radius(b);
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t j = logical(i);
+      const A v = (mode == 1 ? A(2) * A(philox_uniform(sd, 0, j)) - A(1) : A(philox_normal(sd, 0, j))) * c;
+      out[i] = from_acc<T>(mode == 2 ? fmax(fmin(v, c), -c) : v);
+    }
   }
 };
 

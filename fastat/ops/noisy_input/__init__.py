@@ -6,15 +6,16 @@ from typing import Optional
 import torch
 
 from ... import _dispatch
-from ..._checks import check_batch, check_like, check_tensor, check_values, coefficient
-from ..._shapes import Coef, device_type
+from ..._checks import FLOAT_DTYPES, check_batch, check_same, check_tensor, check_values, coefficient
+from ..._shapes import Coef
 from ...schedules import alpha_sigma
 from ..noise import Noise, SeededNoise, check_noise
 from . import reference
 from .op import NOISY_INPUT
-from .reference import output_dtype
 
 _COEFFICIENT_GRAD = NOISY_INPUT.feature_bits["coefficient_grad"]
+FLOATS = frozenset(FLOAT_DTYPES)
+is_compiling = torch.compiler.is_compiling
 
 
 def noisy_input(
@@ -32,35 +33,44 @@ def noisy_input(
     noise may be a `fastat.SeededNoise(seed, offset)`: the fp32 noise gaussian_noise(x0, seed, offset),
     regenerated in-kernel instead of read (it is left out of the dtype promotion).
     """
-    check_tensor("x0", x0)
-    check_noise("noise", noise, "x0", x0)
-    if delta is not None:
-        check_like("delta", delta, "x0", x0)
+    if not isinstance(x0, torch.Tensor) or x0.dtype not in FLOATS or x0.ndim < 1:
+        check_tensor("x0", x0)
+    shape, device, dtype = x0.shape, x0.device, x0.dtype
     if isinstance(noise, SeededNoise):
+        check_noise("noise", noise, "x0", x0)
         seed, offset, noise = noise.seed, noise.offset, None
     else:
+        if not isinstance(noise, torch.Tensor):
+            check_noise("noise", noise, "x0", x0)
+        check_same("noise", noise, "x0", shape, device)
         seed = offset = 0
-    dtype = output_dtype(x0, noise, delta)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    batch, device = x0.shape[0], x0.device
+        if noise.dtype is not dtype:
+            dtype = torch.promote_types(dtype, noise.dtype)
+    if delta is not None:
+        check_same("delta", delta, "x0", shape, device)
+        if delta.dtype is not dtype:
+            dtype = torch.promote_types(dtype, delta.dtype)
+    acc = torch.float64 if dtype is torch.float64 else torch.float32
+    batch = shape[0]
     alpha, alpha_s = coefficient("alpha", alpha, batch, device, acc)
     sigma, sigma_s = coefficient("sigma", sigma, batch, device, acc)
     args = (x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, dtype)
     grad_mode = torch.is_grad_enabled()
     coefficient_grad = grad_mode and (
         (alpha is not None and alpha.requires_grad) or (sigma is not None and sigma.requires_grad))
-    if _dispatch.compiling():
+    if is_compiling():
         if coefficient_grad or _dispatch.traced_as_reference():
             return reference.noisy_input(*args)
         return NOISY_INPUT.overload(*args)
-    route = _dispatch.select(NOISY_INPUT, device_type(x0), dtype, _COEFFICIENT_GRAD if coefficient_grad else 0,
-                             x0.numel() // batch if batch else 0)
+    route = _dispatch.select(NOISY_INPUT, "cuda" if x0.is_cuda else device.type, dtype,
+                             _COEFFICIENT_GRAD if coefficient_grad else 0, x0.numel() // batch if batch else 0)
     if not route.checks_values:
         check_values("alpha", alpha)
         check_values("sigma", sigma)
-    needs_grad = grad_mode and (x0.requires_grad or (noise is not None and noise.requires_grad)
-                                or (delta is not None and delta.requires_grad) or coefficient_grad)
-    return _dispatch.run(NOISY_INPUT, route, args, needs_grad)
+    if grad_mode and (x0.requires_grad or (noise is not None and noise.requires_grad)
+                      or (delta is not None and delta.requires_grad) or coefficient_grad):
+        return _dispatch.run(NOISY_INPUT, route, args, True)
+    return route.forward(*args)
 
 
 def q_sample(
