@@ -56,10 +56,12 @@ def check_same(name: str, x, ref_name: str, shape: torch.Size, device: torch.dev
 def values_checkable(tensor: Optional[torch.Tensor] = None) -> bool:
     """Whether reading tensor values is allowed: never while tracing or capturing (it would break the
     graph), and for tensors off the CPU only with FASTAT_CHECK_VALUES=1 (each read is a device sync,
-    too costly on every op call of a training step)."""
+    too costly on every op call of a training step). A CPU tensor's read touches no device."""
     if torch.compiler.is_compiling():
         return False
-    if tensor is not None and tensor.device.type != "cpu" and os.environ.get("FASTAT_CHECK_VALUES", "0") != "1":
+    if tensor is not None and tensor.is_cpu:
+        return True
+    if tensor is not None and os.environ.get("FASTAT_CHECK_VALUES", "0") != "1":
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
@@ -156,10 +158,18 @@ def coefficient(
 
 def check_values(name: str, value: Optional[torch.Tensor], *, nonnegative: bool = False, positive: bool = False) -> None:
     """A coefficient tensor's values: finite, and > 0 or >= 0 if asked (skipped where values_checkable says so)."""
-    if value is None or not value.numel() or not values_checkable(value):
+    if value is None or not values_checkable(value):
         return
-    low, high = (float(v) for v in torch.aminmax(value.detach()))
-    if not (math.isfinite(low) and math.isfinite(high)):
+    if value.numel() <= 256:  # a [B] coefficient: reading it whole is cheaper than reducing it on the device
+        values = value.tolist()
+        if not values:
+            return
+        finite = all(map(math.isfinite, values))
+        low = min(values)
+    else:
+        low, high = (float(v) for v in torch.aminmax(value.detach()))
+        finite = math.isfinite(low) and math.isfinite(high)
+    if not finite:
         raise ValueError(f"{name} must be finite, got non-finite values")
     if positive and not low > 0:
         raise ValueError(f"{name} must be > 0, got min {low:g}")

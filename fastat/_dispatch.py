@@ -103,19 +103,22 @@ class OpDef:
     support: backend -> Support; features: feature name -> what it means (for refusal messages); key: args ->
     (device type, data dtype, elements per sample) for the operator-level selector; function: the autograd
     Function (forward(ctx, route, *args)), None for ops without a derivative (autograd falls through: outputs
-    never require grad); backward: the OpDef of the backward op whose kernel the Function calls.
+    never require grad); backward: the OpDef of the backward op whose kernel the Function calls; auto_order:
+    device type -> the backends "auto" tries for this op (default: AUTO_ORDER), where measurements say so.
     """
 
     def __init__(self, name: str, schema: str, *, fake: Callable, python_kernels: Dict[str, Callable],
                  support: Dict[str, Support], key: Callable, features: Optional[Dict[str, str]] = None,
                  function: Optional[type] = None, backward: Optional["OpDef"] = None, public_name: Optional[str] = None,
-                 library: Optional[torch.library.Library] = None):
+                 library: Optional[torch.library.Library] = None, auto_order: Optional[Dict[str, Tuple[str, ...]]] = None):
         self.name, self.schema = name, schema
         self.python_kernels, self.support, self.key, self.fake = python_kernels, support, key, fake
         self.features = dict(features or {})
         self.feature_bits = {f: 1 << i for i, f in enumerate(self.features)}
         self.function, self.backward_op = function, backward
         self.public_name = public_name or name
+        for device_type, order in (auto_order or {}).items():  # this op's own auto order (a measurement)
+            _AUTO_ORDER_PER_OP[(name, device_type)] = tuple(order)
         library = LIBRARY if library is None else library  # another library: tests' throwaway ops
         library.define(name + schema)
         torch.library.register_fake(f"{library.ns}::{name}", fake, lib=library)

@@ -66,6 +66,7 @@ class Layout(NamedTuple):
     tensors: List[Optional[torch.Tensor]]  # the operands as the kernels read them
     strides: Optional[Tuple[int, ...]]  # the outputs' strides; None: contiguous
     channels_last: bool  # memory order (batch, spatial..., channel): the logical index needs (C, S)
+    template: torch.Tensor  # the first operand as read: the outputs are shaped and laid out like it
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -95,15 +96,14 @@ def batch_outer_dense(x: torch.Tensor) -> bool:
 
 
 def work_layout(tensors: Sequence[Optional[torch.Tensor]], logical: bool = False) -> Layout:
-    """The operands as the kernels read them, and the layout of the outputs (see the rule above)."""
-    present = [t for t in tensors if t is not None]
-    contiguous = True
-    for t in present:
-        if not t.is_contiguous():
-            contiguous = False
+    """The operands as the kernels read them, and the layout of the outputs (see the rule above). The first
+    operand is never None."""
+    for t in tensors:
+        if t is not None and not t.is_contiguous():
             break
-    if contiguous:
-        return Layout(list(tensors), None, False)
+    else:
+        return Layout(tensors, None, False, tensors[0])
+    present = [t for t in tensors if t is not None]
     first = present[0]
     strides = first.stride()
     keep = batch_outer_dense(first) and (not logical or is_channels_last(first))
@@ -113,24 +113,16 @@ def work_layout(tensors: Sequence[Optional[torch.Tensor]], logical: bool = False
                 keep = False
                 break
     if keep:
-        return Layout(list(tensors), strides, is_channels_last(first))
-    return Layout([t.contiguous() if t is not None else None for t in tensors], None, False)
+        return Layout(tensors, strides, is_channels_last(first), first)
+    copies = [t.contiguous() if t is not None else None for t in tensors]
+    return Layout(copies, None, False, copies[0])
 
 
-def empty_output(shape, layout: Layout, dtype: torch.dtype, device) -> torch.Tensor:
-    """An output of the kernels: the layout's strides, else contiguous."""
-    if layout.strides is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.empty_strided(shape, layout.strides, dtype=dtype, device=device)
-
-
-def restride(out: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """`out` in the layout the kernels would have given it (the reference's results, run inside the operator)."""
-    if layout.strides is None:
-        return out.contiguous()
-    if out.stride() == layout.strides:
-        return out
-    return empty_output(out.shape, layout, out.dtype, out.device).copy_(out)
+def empty_output(layout: Layout, dtype: torch.dtype) -> torch.Tensor:
+    """An output of the kernels: shaped and laid out like the layout's template (contiguous when the operands were
+    copied). empty_like costs ~8k instructions against ~19k for torch.empty(shape, dtype=, device=)."""
+    template = layout.template
+    return torch.empty_like(template) if template.dtype is dtype else torch.empty_like(template, dtype=dtype)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -143,3 +135,8 @@ def device_type(x: torch.Tensor) -> str:
     if x.is_cuda:
         return "cuda"
     return "cpu" if x.is_cpu else x.device.type
+
+
+def promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """torch.promote_types, without its dispatch (~3.5k instructions) when the dtypes are the same."""
+    return a if a is b else torch.promote_types(a, b)

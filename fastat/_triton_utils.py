@@ -173,22 +173,37 @@ def channels(template: torch.Tensor, channels_last: bool) -> Tuple[int, int, boo
     return 1, 1, False
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # (triton.cdiv is a ConstexprFunction: ~40k instructions per call from Python)
+
+
 def launch_grid(batch: int, numel: int):
     """(grid, BLOCK_B, BLOCK_D, warps, n_col_blocks) for a 1-D grid of [BLOCK_B, BLOCK_D] tiles.
 
     One grid axis only: CUDA limits axes 1 and 2 to 65535 programs, so (row group, column block)
     is decoded from the program id."""
-    block_b, block_d, warps = tile(batch, numel)
-    n_col = triton.cdiv(numel, block_d)
-    return (triton.cdiv(batch, block_b) * n_col,), block_b, block_d, warps, n_col
+    return _launch_grid(batch, numel, _OVERRIDES["tile"] or (INTERPRET_TILE if INTERPRETING else GPU_TILE))
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_grid(batch: int, numel: int, cap: int):
+    block_b, block_d, warps = _tile(batch, numel, cap)
+    n_col = _cdiv(numel, block_d)
+    return (_cdiv(batch, block_b) * n_col,), block_b, block_d, warps, n_col
 
 
 def reduction_grid(batch: int, numel: int, device: torch.device):
     """(grid, BLOCK_B, BLOCK_D, warps, nsplit, chunk) for a per-sample reduction: each of the nsplit
     programs of a row group loops over `chunk` columns and writes one partial per row."""
-    block_b, block_d, warps = tile(batch, numel)
-    nsplit = split(batch, numel, block_b, block_d, device)
-    return (triton.cdiv(batch, block_b) * nsplit,), block_b, block_d, warps, nsplit, chunk(numel, block_d, nsplit)
+    cap = _OVERRIDES["tile"] or (INTERPRET_TILE if INTERPRETING else GPU_TILE)
+    return _reduction_grid(batch, numel, cap, _OVERRIDES["split"], device.type, device.index)
+
+
+@functools.lru_cache(maxsize=4096)
+def _reduction_grid(batch: int, numel: int, cap: int, forced_split, device_type: str, device_index):
+    block_b, block_d, warps = _tile(batch, numel, cap)
+    nsplit = split(batch, numel, block_b, block_d, torch.device(device_type, device_index))
+    return (_cdiv(batch, block_b) * nsplit,), block_b, block_d, warps, nsplit, chunk(numel, block_d, nsplit)
 
 
 def batch_numel(x: torch.Tensor) -> Tuple[int, int]:

@@ -5,7 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_strided.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Optional.h>
 
 #include <cmath>
@@ -63,10 +63,10 @@ inline Layout work_layout(std::initializer_list<at::Tensor*> tensors, bool logic
   return Layout{true, false};
 }
 
-// An output shaped like `like` in the layout's strides.
-inline at::Tensor empty_output(const at::Tensor& like, const Layout& layout, at::ScalarType dtype) {
-  if (layout.contiguous) return at::empty(like.sizes(), like.options().dtype(dtype));
-  return at::empty_strided(like.sizes(), like.strides(), like.options().dtype(dtype));
+// An output shaped and laid out like the first operand as read (`like`: after work_layout, so contiguous when the
+// operands were copied), as fastat/_shapes.py empty_output makes it (empty_like keeps the strides of a dense tensor).
+inline at::Tensor empty_output(const at::Tensor& like, const Layout& /*layout*/, at::ScalarType dtype) {
+  return at::empty_like(like, like.options().dtype(dtype));
 }
 
 // The logical index of in-kernel draws for a tensor in `layout`.

@@ -73,6 +73,10 @@ template <typename A> struct Coef {
   }
 };
 
+// clamp(v, -r, r) by comparisons: a NaN stays NaN (as torch.clamp / torch.minimum give), and g++ vectorises it
+// (std::fmax/fmin become libm calls per element on the host).
+template <typename A> FASTAT_HD A clamp_box(A v, A r) { return v > r ? r : (v < -r ? -r : v); }
+
 template <typename A> struct Pair {
   A first, second;
 };

@@ -68,32 +68,40 @@ struct ResidualOp {
     out[0] = s;
   }
 
-  // CPU: elements [lo, hi) of the sample given to reset(), LANES at a time into the partial sums.
+  // CPU: elements [lo, hi) of the sample given to reset(), LANES at a time into the partial sums; one loop per
+  // combination of the runtime switches, so each is branch-free and g++ vectorises it.
   void span(int64_t lo, int64_t hi) {
-    auto r_at = [&](int64_t i) {
-      const A bv = b == nullptr ? noise_at(i) : to_acc(b[i]);
-      return residual_of(to_acc(a[i]), bv, HAS_C ? to_acc(c[i]) : A(0), sb);
+    const bool store = residual != nullptr;
+    if (b == nullptr) {
+      span_as<true>(lo, hi, store, abs_metric);
+    } else if (store) {
+      abs_metric ? span_as<false, true, true>(lo, hi) : span_as<false, true, false>(lo, hi);
+    } else {
+      abs_metric ? span_as<false, false, true>(lo, hi) : span_as<false, false, false>(lo, hi);
+    }
+  }
+
+ private:
+  template <bool SEEDED>
+  void span_as(int64_t lo, int64_t hi, bool store, bool abs) {  // seeded noise: Philox per element anyway
+    for (int64_t i = lo, l = 0; i < hi; ++i, l = (l + 1) % LANES) {
+      const A r = residual_of(to_acc(a[i]), noise_at(i), HAS_C ? to_acc(c[i]) : A(0), sb);
+      if (store) residual[i] = from_acc<T>(r);
+      sum[l] += abs ? fabs(r) : r * r;
+    }
+  }
+
+  template <bool SEEDED, bool STORE, bool ABS>
+  void span_as(int64_t lo, int64_t hi) {
+    auto add = [&](int l, int64_t j) {
+      const A r = residual_of(to_acc(a[j]), to_acc(b[j]), HAS_C ? to_acc(c[j]) : A(0), sb);
+      if (STORE) residual[j] = from_acc<T>(r);
+      sum[l] += ABS ? fabs(r) : r * r;
     };
     int64_t i = lo;
-    if (b != nullptr && residual == nullptr) {  // the common forward without a stored residual: loads only
-      for (; i + LANES <= hi; i += LANES)
-        for (int l = 0; l < LANES; ++l) {
-          const A r = residual_of(to_acc(a[i + l]), to_acc(b[i + l]), HAS_C ? to_acc(c[i + l]) : A(0), sb);
-          sum[l] += abs_metric ? fabs(r) : r * r;
-        }
-    } else {
-      for (; i + LANES <= hi; i += LANES)
-        for (int l = 0; l < LANES; ++l) {
-          const A r = r_at(i + l);
-          if (residual != nullptr) residual[i + l] = from_acc<T>(r);
-          sum[l] += abs_metric ? fabs(r) : r * r;
-        }
-    }
-    for (int l = 0; i < hi; ++i, ++l) {
-      const A r = r_at(i);
-      if (residual != nullptr) residual[i] = from_acc<T>(r);
-      sum[l] += abs_metric ? fabs(r) : r * r;
-    }
+    for (; i + LANES <= hi; i += LANES)
+      for (int l = 0; l < LANES; ++l) add(l, i + l);
+    for (int l = 0; i < hi; ++i, ++l) add(l, i);
   }
 };
 

@@ -174,7 +174,7 @@ struct LinfStepOp {
       for (int k = 0; k < N; ++k) gv[k] = A((gv[k] > A(0)) - (gv[k] < A(0)));
     }
     for_pack<N>(cur, i, [&](int64_t b) { return Pair<A>{step(b), radius(b)}; },
-                [&](int k, const Pair<A>& c) { dv[k] = fmax(fmin(dv[k] + c.first * gv[k], c.second), -c.second); });
+                [&](int k, const Pair<A>& c) { dv[k] = clamp_box(dv[k] + c.first * gv[k], c.second); });
     store<N>(out, i, dv);
     if (base != nullptr) add_base<N>(base, xout, i, dv);
   }
@@ -182,16 +182,19 @@ struct LinfStepOp {
   bool uniform() const { return false; }
   void span(int64_t lo, int64_t hi, int64_t b) const {
     const A s = step(b), r = radius(b);
-    bool all_finite = true;
-    for (int64_t i = lo; i < hi; ++i) all_finite &= finite(to_acc(grad[i]));
-    if (!all_finite) __atomic_fetch_or(bad + b, 1, __ATOMIC_RELAXED);  // CPU tasks may share a sample
+    int nonfinite = 0;  // g - g is NaN exactly when g is NaN or infinite (an integer OR: g++ vectorises it)
+    for (int64_t i = lo; i < hi; ++i) {
+      const A g = to_acc(grad[i]);
+      nonfinite |= !(g - g == A(0));
+    }
+    if (nonfinite) __atomic_fetch_or(bad + b, 1, __ATOMIC_RELAXED);  // CPU tasks may share a sample
     if (normalize) {
       for (int64_t i = lo; i < hi; ++i) {
         const A g = to_acc(grad[i]);
-        out[i] = from_acc<T>(fmax(fmin(to_acc(delta[i]) + s * A((g > A(0)) - (g < A(0))), r), -r));
+        out[i] = from_acc<T>(clamp_box(to_acc(delta[i]) + s * A((g > A(0)) - (g < A(0))), r));
       }
     } else {
-      for (int64_t i = lo; i < hi; ++i) out[i] = from_acc<T>(fmax(fmin(to_acc(delta[i]) + s * to_acc(grad[i]), r), -r));
+      for (int64_t i = lo; i < hi; ++i) out[i] = from_acc<T>(clamp_box(to_acc(delta[i]) + s * to_acc(grad[i]), r));
     }
     if (base != nullptr) add_base_span(base, out, xout, lo, hi);
   }
@@ -317,7 +320,7 @@ struct RandomApplyOp {
     for_pack<N>(cur, i, [&](int64_t b) { return mode == 0 ? coef[b] : radius(b); },
                 [&](int k, A c) {
                   const A v = u[k] * c;
-                  o[k] = mode == 2 ? fmax(fmin(v, c), -c) : v;
+                  o[k] = mode == 2 ? clamp_box(v, c) : v;
                 });
     store<N>(out, i, o);
   }
@@ -329,7 +332,7 @@ struct RandomApplyOp {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t j = logical(i);
       const A v = (mode == 1 ? A(2) * A(philox_uniform(sd, 0, j)) - A(1) : A(philox_normal(sd, 0, j))) * c;
-      out[i] = from_acc<T>(mode == 2 ? fmax(fmin(v, c), -c) : v);
+      out[i] = from_acc<T>(mode == 2 ? clamp_box(v, c) : v);
     }
   }
 };

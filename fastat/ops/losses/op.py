@@ -75,7 +75,7 @@ def _fake(a, b, c, sigma, weight, sigma_s, weight_s, metric, huber_c, reduction,
     per_sample = a.new_empty((batch,), dtype=acc)
     if not save_residual:
         return loss, per_sample, a.new_empty(0, dtype=dtype)
-    return loss, per_sample, empty_output(a.shape, work_layout([a, b, c], logical=b is None), dtype, a.device)
+    return loss, per_sample, empty_output(work_layout([a, b, c], logical=b is None), dtype)
 
 
 def _fake_backward(grad_loss, residual, per_sample, sigma, weight, sigma_s, weight_s, metric, huber_c, reduction,
@@ -83,7 +83,7 @@ def _fake_backward(grad_loss, residual, per_sample, sigma, weight, sigma_s, weig
     layout = work_layout([residual])
 
     def out(dtype):
-        return residual.new_empty(0) if dtype is None else empty_output(residual.shape, layout, dtype, residual.device)
+        return residual.new_empty(0) if dtype is None else empty_output(layout, dtype)
 
     return out(a_dtype), out(b_dtype), out(c_dtype)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._shapes import accumulation_dtype, column, mean_flat, sum_flat
+from ..._shapes import accumulation_dtype, column, mean_flat, promote, sum_flat
 from ..noise.reference import gaussian_noise
 
 L2, L1, PSEUDO_HUBER = 0, 1, 2
@@ -18,7 +18,7 @@ def residual_dtype(a, b, c) -> torch.dtype:
     dtype = a.dtype
     for t in (b, c):
         if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
+            dtype = promote(dtype, t.dtype)
     return dtype
 
 

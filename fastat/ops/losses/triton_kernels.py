@@ -175,7 +175,7 @@ def residual_loss(a, b, c, sigma, weight, sigma_s, weight_s, metric, huber_c, re
     batch, numel = tu.batch_numel(a)
     per_sample = a.new_empty((batch,), dtype=torch.float32)
     loss = per_sample.new_empty((batch,) if reduction == NONE else ())
-    residual = empty_output(a.shape, layout, dtype, a.device) if save_residual else a.new_empty(0, dtype=dtype)
+    residual = empty_output(layout, dtype) if save_residual else a.new_empty(0, dtype=dtype)
     if batch == 0:
         return (loss if reduction == NONE else loss.zero_()), per_sample, residual
     grid, bb, bd, warps, nsplit, chunk = tu.reduction_grid(batch, max(numel, 1), a.device)
@@ -210,7 +210,7 @@ def residual_loss_backward(grad_loss, residual, per_sample, sigma, weight, sigma
     want = (a_dtype is not None, b_dtype is not None, c_dtype is not None)
 
     def out(dtype):
-        return residual.new_empty(0) if dtype is None else empty_output(residual.shape, layout, dtype, residual.device)
+        return residual.new_empty(0) if dtype is None else empty_output(layout, dtype)
 
     ga, gb, gc = out(a_dtype), out(b_dtype), out(c_dtype)
     if residual.numel() == 0 or not any(want):

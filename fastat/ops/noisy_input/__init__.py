@@ -1,6 +1,7 @@
 """Noise-injected model input (SPEC §4.1): x_t = alpha_t * x0 + sigma_t * noise (+ delta)."""
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -8,7 +9,9 @@ import torch
 from ... import _dispatch
 from ..._checks import FLOAT_DTYPES, check_batch, check_same, check_tensor, check_values, coefficient
 from ..._shapes import Coef
-from ...schedules import alpha_sigma
+from ..._backend import CACHE
+from ..._checks import values_checkable
+from ...schedules import alphas_cumprod_of
 from ..noise import Noise, SeededNoise, check_noise
 from . import reference
 from .op import NOISY_INPUT
@@ -88,11 +91,36 @@ def q_sample(
     check_tensor("x0", x0)
     if not isinstance(timesteps, torch.Tensor):
         raise TypeError(f"timesteps must be an integer tensor of shape [B], got {type(timesteps).__name__}")
-    check_batch("timesteps", timesteps.reshape(-1), "x0", x0)
+    steps = timesteps.reshape(-1)
+    check_batch("timesteps", steps, "x0", x0)
     if timesteps.device != x0.device:
         raise ValueError(f"timesteps is on {timesteps.device} but x0 is on {x0.device}; put them on one device")
-    alpha, sigma = alpha_sigma(alphas_cumprod, timesteps)
-    return noisy_input(x0, noise, alpha.to(x0.device), sigma.to(x0.device), delta)
+    if steps.dtype.is_floating_point or steps.dtype == torch.bool:
+        raise TypeError(f"timesteps must be an integer tensor, got {steps.dtype}")
+    table = _schedule_coefficients(alphas_cumprod, x0.device)
+    if values_checkable(steps) and steps.numel():
+        values = steps.tolist() if steps.numel() <= 256 else [int(steps.min()), int(steps.max())]
+        lo, hi = min(values), max(values)
+        if lo < 0 or hi >= table.shape[1]:
+            raise ValueError(f"timesteps must lie in [0, {table.shape[1] - 1}], got values in [{lo}, {hi}]")
+    pair = table.index_select(1, steps if steps.dtype in (torch.int64, torch.int32) else steps.long())
+    return noisy_input(x0, noise, pair[0], pair[1], delta)
+
+
+def _schedule_coefficients(alphas_cumprod, device: torch.device) -> torch.Tensor:
+    """[2, T] fp32 on `device`: sqrt(abar) and sqrt(1 - abar) formed in float64 (as schedules.alpha_sigma forms
+    them), kept in the one cache per table tensor (checked by identity and version), so q_sample gathers both
+    coefficients in one op."""
+    source = alphas_cumprod if isinstance(alphas_cumprod, torch.Tensor) else getattr(alphas_cumprod, "alphas_cumprod", None)
+    key = ("q_sample coefficients", id(source), device)
+    entry = CACHE.get(key) if isinstance(source, torch.Tensor) else None
+    if entry is not None and entry[0]() is source and entry[1] == source._version:
+        return entry[2]
+    abar = alphas_cumprod_of(alphas_cumprod)
+    table = torch.stack([abar.sqrt(), (1.0 - abar).sqrt()]).float().to(device)
+    if isinstance(source, torch.Tensor):
+        CACHE[key] = (weakref.ref(source), source._version, table)
+    return table
 
 
 _dispatch.register_public("noisy_input", NOISY_INPUT)

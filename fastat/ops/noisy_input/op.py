@@ -33,7 +33,7 @@ def _fake_backward(grad, alpha, sigma, alpha_s, sigma_s, x0_dtype, noise_dtype):
     layout = work_layout([grad])
 
     def out(dtype):
-        return grad.new_empty(0) if dtype is None else empty_output(grad.shape, layout, dtype, grad.device)
+        return grad.new_empty(0) if dtype is None else empty_output(layout, dtype)
 
     return out(x0_dtype), out(noise_dtype)
 
@@ -91,7 +91,7 @@ class NoisyInputFunction(torch.autograd.Function):
 
 
 def _fake(x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, dtype):
-    return empty_output(x0.shape, work_layout([x0, noise, delta], logical=noise is None), dtype, x0.device)
+    return empty_output(work_layout([x0, noise, delta], logical=noise is None), dtype)
 
 
 def _support(differentiable_coefficients: bool, cpp_checks_values: bool):

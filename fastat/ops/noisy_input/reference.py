@@ -5,14 +5,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._shapes import accumulation_dtype, column
+from ..._shapes import accumulation_dtype, column, promote
 from ..noise.reference import gaussian_noise
 
 
 def output_dtype(x0: torch.Tensor, noise: Optional[torch.Tensor], delta: Optional[torch.Tensor]) -> torch.dtype:
     """promote(x0, noise, delta); seeded noise (None) takes no part in the promotion."""
-    dtype = x0.dtype if noise is None else torch.promote_types(x0.dtype, noise.dtype)
-    return dtype if delta is None else torch.promote_types(dtype, delta.dtype)
+    dtype = x0.dtype if noise is None else promote(x0.dtype, noise.dtype)
+    return dtype if delta is None else promote(dtype, delta.dtype)
 
 
 def noisy_input(x0, noise, delta, alpha, sigma, alpha_s: float, sigma_s: float, seed: int, offset: int, dtype):

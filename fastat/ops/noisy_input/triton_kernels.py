@@ -78,7 +78,7 @@ def noisy_input(x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, 
     seeded = noise is None
     layout = work_layout([x0, noise, delta], logical=seeded)
     x0, noise, delta = layout.tensors
-    out = empty_output(x0.shape, layout, dtype, x0.device)
+    out = empty_output(layout, dtype)
     if out.numel() == 0:
         return out
     batch, numel = tu.batch_numel(out)
@@ -98,8 +98,8 @@ def noisy_input_backward(grad, alpha, sigma, alpha_s, sigma_s, x0_dtype, noise_d
     layout = work_layout([grad])
     (grad,) = layout.tensors
     want_x0, want_noise = x0_dtype is not None, noise_dtype is not None
-    gx = empty_output(grad.shape, layout, x0_dtype, grad.device) if want_x0 else grad.new_empty(0)
-    gn = empty_output(grad.shape, layout, noise_dtype, grad.device) if want_noise else grad.new_empty(0)
+    gx = empty_output(layout, x0_dtype) if want_x0 else grad.new_empty(0)
+    gn = empty_output(layout, noise_dtype) if want_noise else grad.new_empty(0)
     if grad.numel() == 0 or not (want_x0 or want_noise):
         return gx, gn
     batch, numel = tu.batch_numel(grad)

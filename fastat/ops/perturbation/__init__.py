@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ... import _dispatch
-from ..._checks import check_choice, check_like, check_tensor, check_values, coefficient, per_sample
+from ..._checks import FLOAT_DTYPES, check_choice, check_like, check_same, check_tensor, check_values, coefficient
 from ..._shapes import Coef, accumulation_dtype, device_type, per_sample_numel
 from ..noise.reference import noise_layout
 from . import reference
@@ -24,6 +24,8 @@ NORMS = ("l2", "linf")
 INITS = ("uniform", "normal", "zero")
 RADIUS_MODES = ("abs", "rms")
 _DIFFERENTIABLE = PGD_STEP.feature_bits["differentiable"]
+FLOATS = frozenset(FLOAT_DTYPES)
+is_compiling = torch.compiler.is_compiling
 SEED_HIGH = 2**62  # random starts draw their seed from [0, 2**62) with the caller's generator
 
 
@@ -66,31 +68,42 @@ def pgd_step(
     model_input_base: optional x_t shaped like delta; then the result is (delta', x_t + delta'), the next
     model input written in the same pass (dtype promote(x_t, delta); delta' is added after rounding).
     """
-    check_tensor("delta", delta)
-    check_like("grad", grad, "delta", delta)
+    if not isinstance(delta, torch.Tensor) or delta.dtype not in FLOATS or delta.ndim < 1:
+        check_tensor("delta", delta)
+    shape, device, dtype = delta.shape, delta.device, delta.dtype
+    check_same("grad", grad, "delta", shape, device)
     if norm != "l2" and norm != "linf":
         check_choice("norm", norm, NORMS)
+    if grad.dtype is not dtype:
+        dtype = torch.promote_types(dtype, grad.dtype)
     if model_input_base is not None:
-        check_like("model_input_base", model_input_base, "delta", delta)
-    dtype = torch.promote_types(delta.dtype, grad.dtype)
-    if model_input_base is not None:
-        dtype = torch.promote_types(dtype, model_input_base.dtype)
-    acc = accumulation_dtype(dtype)
-    step, step_s = coefficient("step_size", step_size, delta.shape[0], delta.device, acc, nonnegative=True)
-    radius, radius_s = _radius("radius", radius, delta, norm, radius_mode, acc)
+        check_same("model_input_base", model_input_base, "delta", shape, device)
+        if model_input_base.dtype is not dtype:
+            dtype = torch.promote_types(dtype, model_input_base.dtype)
+    acc = torch.float64 if dtype is torch.float64 else torch.float32
+    if step_size.__class__ is float and 0.0 <= step_size < math.inf:  # the common case, checked inline
+        step, step_s = None, step_size
+    else:
+        step, step_s = coefficient("step_size", step_size, shape[0], device, acc, nonnegative=True)
+    if radius.__class__ is float and 0.0 <= radius < math.inf and (radius_mode == "abs" or norm == "linf"):
+        if radius_mode != "abs":
+            check_choice("radius_mode", radius_mode, RADIUS_MODES)
+        radius, radius_s = None, radius
+    else:
+        radius, radius_s = _radius("radius", radius, delta, norm, radius_mode, acc)
     args = (delta, grad, model_input_base, step, radius, step_s, radius_s, norm == "l2", bool(normalize))
     differentiable = torch.is_grad_enabled() and (
         delta.requires_grad or grad.requires_grad or (model_input_base is not None and model_input_base.requires_grad)
         or (step is not None and step.requires_grad) or (radius is not None and radius.requires_grad))
-    if _dispatch.compiling():
+    if is_compiling():
         if differentiable or _dispatch.traced_as_reference():
             new, x = reference.pgd_step(*args)
         else:
             new, x = PGD_STEP.overload(*args)
     else:
-        batch = delta.shape[0]
-        route = _dispatch.select(PGD_STEP, device_type(delta), dtype, _DIFFERENTIABLE if differentiable else 0,
-                                 delta.numel() // batch if batch else 0)
+        batch = shape[0]
+        route = _dispatch.select(PGD_STEP, "cuda" if delta.is_cuda else device.type, dtype,
+                                 _DIFFERENTIABLE if differentiable else 0, delta.numel() // batch if batch else 0)
         if not route.checks_values:
             check_values("step_size", step, nonnegative=True)
             check_values("radius", radius, nonnegative=True)

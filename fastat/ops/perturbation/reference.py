@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..._shapes import Coef, column, compute_dtype, per_sample_numel, sum_flat
+from ..._shapes import Coef, column, compute_dtype, per_sample_numel, promote, sum_flat
 
 NORM_FLOOR = 1e-8  # the official P1 code's max(||.||, 1e-8)
 
@@ -59,7 +59,7 @@ def pgd_step(delta, grad, base, step_size, radius, step_size_s: float, radius_s:
     new = torch.where(column(finite, new), new, d).to(delta.dtype)
     if base is None:
         return new, delta.new_empty(0)
-    x_dtype = torch.promote_types(base.dtype, delta.dtype)
+    x_dtype = promote(base.dtype, delta.dtype)
     return new, (base.to(acc) + new.to(acc)).to(x_dtype)
 
 
@@ -115,20 +115,22 @@ def random_perturbation_from_generator(
     if init == "zero":
         return torch.zeros(like.shape, dtype=dtype, device=like.device).contiguous(memory_format=layout)
     acc = compute_dtype(torch.empty(0, dtype=dtype))
-    out = torch.empty(like.shape, dtype=acc, device=like.device)
-    r = column(radius, out)
+    batch, d = like.shape[0], max(per_sample_numel(like), 1)
+    r = column(radius, like)
     if init == "normal":
-        out.normal_(generator=generator)
+        out = torch.randn(like.shape, generator=generator, dtype=acc, device=like.device)
         if norm == "l2":
-            out = project_l2(out * (r / max(per_sample_numel(like), 1) ** 0.5), radius)
+            out = project_l2(out * (r / d**0.5), radius)
         else:
             out = clamp_box(out * r, radius)
     elif norm == "linf":
-        out = out.uniform_(-1.0, 1.0, generator=generator) * r
+        out = torch.empty(like.shape, dtype=acc, device=like.device).uniform_(-1.0, 1.0, generator=generator) * r
     else:
         # Uniform in the L2 ball: a uniform direction times R * U^(1/D).
-        out.normal_(generator=generator)
-        u = torch.rand(like.shape[0], generator=generator, device=like.device, dtype=torch.float64)
-        u = u.pow(1.0 / max(per_sample_numel(like), 1)).to(acc)
-        out = out * column(u / l2_norm(out).clamp_min(NORM_FLOOR), out) * r
-    return out.to(dtype).contiguous(memory_format=layout)
+        out = torch.randn(like.shape, generator=generator, dtype=acc, device=like.device)
+        scale = torch.rand(batch, generator=generator, device=like.device, dtype=torch.float64).pow_(1.0 / d).to(acc)
+        scale = scale.mul_(radius) if not isinstance(radius, torch.Tensor) else scale.mul_(radius.to(acc))
+        out = out.mul_(column(scale.div_(l2_norm(out).clamp_min_(NORM_FLOOR)), out))
+    if out.dtype is not dtype:
+        out = out.to(dtype)
+    return out if layout is torch.contiguous_format else out.contiguous(memory_format=layout)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ... import _triton_utils as tu
-from ..._shapes import empty_output, is_channels_last, work_layout
+from ..._shapes import empty_output, is_channels_last, promote, work_layout
 from ..noise.reference import noise_layout
 
 N_STATS = 4  # ||g||^2, <delta,g>, ||delta||^2, #non-finite g
@@ -141,11 +141,11 @@ def pgd_step(delta, grad, base, step_size, radius, step_size_s, radius_s, l2, no
     """fastat::pgd_step on the Triton backend: (delta', base + delta' or an empty tensor)."""
     layout = work_layout([delta, grad, base])
     delta, grad, base = layout.tensors
-    out = empty_output(delta.shape, layout, delta.dtype, delta.device)
+    out = empty_output(layout, delta.dtype)
     if base is None:
         xout = delta.new_empty(0)
     else:
-        xout = empty_output(delta.shape, layout, torch.promote_types(base.dtype, delta.dtype), delta.device)
+        xout = empty_output(layout, promote(base.dtype, delta.dtype))
     if out.numel() == 0:
         return out, xout
     batch, numel = tu.batch_numel(delta)
