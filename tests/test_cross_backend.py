@@ -89,7 +89,7 @@ def params(op):
 
 
 def dtypes_for(backend, device):
-    # The Triton interpreter gets bf16 arithmetic wrong (FEASIBILITY 2f): bf16 Triton runs on GPUs only.
+    # The Triton interpreter gets bf16 arithmetic wrong (docs/design.md, testing without a GPU): bf16 Triton runs on GPUs only.
     if backend == "triton" and device == "cpu":
         return (torch.float32, torch.float16)
     return LOW

@@ -1,4 +1,4 @@
-// Fused per-sample losses (SPEC 4.3). Every loss here is a function of one residual
+// Fused per-sample losses (docs/maths.md §4.3). Every loss here is a function of one residual
 //     r = a - b - c / sigma_b      (c optional; b may be seeded noise regenerated in-kernel from (seed, offset),
 //                                   see philox.cuh, so it is never stored)
 //   P1 equivariant MSE:   a = pred, b = noise, c = delta, sigma = sigma_t   (target = noise + delta/sigma)

@@ -1,4 +1,4 @@
-// Noise-injected input (SPEC 4.1): x_t = alpha_b * x0 + sigma_b * noise (+ delta), one pass, fp32 accumulation,
+// Noise-injected input (docs/maths.md §4.1): x_t = alpha_b * x0 + sigma_b * noise (+ delta), one pass, fp32 accumulation,
 // its backward, and seeded Gaussian noise (triton's tl.randn stream, see philox.cuh) generated in-kernel so it is
 // never stored. The per-element code is the functors of noisy_input_ops.cuh, shared with csrc/cpu.
 #include "common.cuh"

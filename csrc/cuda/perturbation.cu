@@ -1,4 +1,4 @@
-// Perturbation steps (SPEC 4.2) with per-sample step size and radius, and random starts. The per-element and
+// Perturbation steps (docs/maths.md §4.2) with per-sample step size and radius, and random starts. The per-element and
 // per-sample code is the functors of perturbation_ops.cuh, shared with csrc/cpu.
 //
 // L2 step, two passes over the data whatever the options:

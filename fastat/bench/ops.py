@@ -36,7 +36,7 @@ from .. import _dispatch  # noqa: F401  (registered_backends)
 from .._backend import BackendUnavailableError, backend_status, device_refusal, use_backend
 from .timing import device_profile, interleaved, measure
 
-# ANCHORS.md §1 shapes.
+# The shapes of docs/design.md's GPU reference numbers, plus the latent and 2-D toy cases.
 ANCHOR_SHAPES: Dict[str, Tuple[int, ...]] = {
     "cifar": (128, 3, 32, 32),
     "latent": (64, 4, 64, 64),
@@ -219,7 +219,7 @@ def run_op_benchmarks(device, quick: bool = False, shapes: Optional[Dict[str, Tu
                       cases: Optional[Sequence[str]] = None, log: Callable[[str], None] = print) -> Dict:
     """Time every case on every shape and provider. Returns {"rows", "copy", "skipped", "providers"}.
 
-    Defaults: quick -> tiny shapes, 5 reps, no compile; CPU -> CPU_SHAPES; CUDA -> all ANCHORS shapes.
+    Defaults: quick -> tiny shapes, 5 reps, no compile; CPU -> CPU_SHAPES; CUDA -> all ANCHOR_SHAPES.
     A provider that raises is recorded with its error (no time) instead of stopping the run."""
     device = torch.device(device)
     if shapes is None:

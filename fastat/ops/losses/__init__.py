@@ -1,4 +1,4 @@
-"""Per-sample losses (SPEC §4.3): P1's equivariant MSE, P2's equivariance regulariser, CM distances.
+"""Per-sample losses (docs/maths.md §4.3): P1's equivariant MSE, P2's equivariance regulariser, CM distances.
 
 Every loss is computed per sample over all non-batch dims in fp32 (fp64 for fp64 inputs), multiplied
 by an optional per-sample `weight` ([B] tensor or float), then reduced: "none" -> [B], "sum" -> scalar,

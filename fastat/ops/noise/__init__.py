@@ -1,4 +1,4 @@
-"""Seeded Gaussian noise (SPEC §4.1): noise that is regenerated from (seed, offset) instead of stored.
+"""Seeded Gaussian noise (docs/maths.md §4.1): noise that is regenerated from (seed, offset) instead of stored.
 
 `gaussian_noise(like, seed, offset)` draws N(0, 1) noise with Philox4x32-10 + Box-Muller exactly as
 triton's `tl.randn(seed, offset + i)` does for the element of row-major logical index i, so the

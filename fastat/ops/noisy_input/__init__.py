@@ -1,4 +1,4 @@
-"""Noise-injected model input (SPEC §4.1): x_t = alpha_t * x0 + sigma_t * noise (+ delta)."""
+"""Noise-injected model input (docs/maths.md §4.1): x_t = alpha_t * x0 + sigma_t * noise (+ delta)."""
 from __future__ import annotations
 
 import weakref

@@ -1,4 +1,4 @@
-"""Perturbation ops (SPEC §4.2): random starts and PGD steps with per-sample radius and step size.
+"""Perturbation ops (docs/maths.md §4.2): random starts and PGD steps with per-sample radius and step size.
 
 Radius conventions. `radius_mode="abs"` (default): for L2 the radius R bounds ||delta||_2; for Linf it
 bounds every coordinate. `radius_mode="rms"` takes AT_Diff's per-coordinate radius r and uses
