@@ -3,10 +3,11 @@
     r = a - b - c / sigma_b      (sigma: per-sample tensor or float; c optional; b may be seeded noise)
     metric 0: v_b = mean(r^2), 1: mean(|r|), 2: sqrt(sum r^2 + h^2) - h;  loss = w_b v_b | sum | mean over b
 
-Forward: one reduction pass reads a, b, c (b regenerated in-kernel for seeded noise) and, when a gradient will be
-needed, writes r in the inputs' dtype (not 2r/D, which underflows in fp16 for large D). When one program covers
-whole rows (nsplit == 1) it also writes v_b and, for reduction "none", the weighted loss; otherwise, and for the
-sum or mean over the batch, one small program finishes in a fixed order (deterministic, no atomics).
+Forward, one launch: a reduction pass reads a, b, c (b regenerated in-kernel for seeded noise) and, when a gradient
+will be needed, writes r in the inputs' dtype (not 2r/D, which underflows in fp16 for large D). When one program
+covers whole rows (nsplit == 1) it writes v_b and, for reduction "none", the weighted loss; otherwise, and for the
+sum or mean over the batch, the last program to finish (a ticket counter) adds the partials and the samples in a
+fixed order (deterministic: no float atomics).
 Backward: one elementwise pass reads r and writes only the gradients that are needed:
     dL/da = g_b * r * {2/D | sign(r)/D | 1/(v_b + h)},  dL/db = -dL/da,  dL/dc = -dL/da / sigma_b,
 g_b = grad_loss (per sample for "none", one value otherwise; times w_b, and 1/B for the mean).
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ... import _triton_utils as tu
+from ..._backend import CACHE
 from ..._shapes import empty_output, work_layout
 from .reference import MEAN, NONE, residual_dtype
 
@@ -28,12 +30,46 @@ FINISH_TILE = 4096  # rows x partials per step of the finishing program (rows: 1
 
 
 @triton.jit
+def _finish(partials, per_sample, loss, w_ptr, w_s, B, nsplit, inv_d, huber_c, batch_scale,
+            W_T: tl.constexpr, METRIC: tl.constexpr, FROM_PARTIALS: tl.constexpr, REDUCE: tl.constexpr,
+            NSPLIT_P2: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-sample values from the partials (their sum in a fixed order), the weights, and the batch sum (a fixed
+    order): run by one program. The partials are read past L1 (.cg): other programs wrote them."""
+    total = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, B, BLOCK):
+        rows = start + tl.arange(0, BLOCK).to(tl.int64)
+        row_mask = rows < B
+        if FROM_PARTIALS:
+            parts = tl.arange(0, NSPLIT_P2)[None, :]
+            vals = tl.load(partials + rows[:, None] * nsplit + parts, mask=row_mask[:, None] & (parts < nsplit),
+                           other=0.0, cache_modifier=".cg")
+            s = tl.sum(vals, axis=1)
+            if METRIC == 2:
+                value = tl.sqrt(s + huber_c * huber_c) - huber_c
+            else:
+                value = s * inv_d
+            tl.store(per_sample + rows, value, mask=row_mask)
+        else:
+            value = tl.load(per_sample + rows, mask=row_mask, other=0.0, cache_modifier=".cg")
+        if W_T:
+            value = value * tl.load(w_ptr + rows, mask=row_mask, other=0.0)
+        else:
+            value = value * w_s
+        if REDUCE:
+            total += tl.where(row_mask, value, 0.0)
+        else:
+            tl.store(loss + rows, value, mask=row_mask)
+    if REDUCE:
+        tl.store(loss, tl.sum(total, axis=0) * batch_scale)
+
+
+@triton.jit
 def _loss_fwd_kernel(
-    a, b, c, res, partials, per_sample, loss, k_ptr, k_s, w_ptr, w_s, B, D, C, S, seed, noise_offset, chunk, nsplit,
-    inv_d, huber_c,
+    a, b, c, res, partials, per_sample, loss, counter, k_ptr, k_s, w_ptr, w_s, B, D, C, S, seed, noise_offset, chunk,
+    nsplit, inv_d, huber_c, batch_scale,
     K_T: tl.constexpr, W_T: tl.constexpr, HAS_C: tl.constexpr, SEEDED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-    METRIC: tl.constexpr, SAVE_RES: tl.constexpr, FINISH: tl.constexpr, PER_SAMPLE_LOSS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    METRIC: tl.constexpr, SAVE_RES: tl.constexpr, ROWS_WHOLE: tl.constexpr, REDUCE: tl.constexpr,
+    NSPLIT_P2: tl.constexpr, FIN_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     part = pid % nsplit
@@ -61,69 +97,36 @@ def _loss_fwd_kernel(
         else:
             acc += r * r
     total = tl.sum(acc, axis=1)[:, None]
-    if FINISH:
+    if ROWS_WHOLE:  # one program per row group: the per-sample values are final here
         if METRIC == 2:
             value = tl.sqrt(total + huber_c * huber_c) - huber_c
         else:
             value = total * inv_d
         tl.store(per_sample + rows, value, mask=row_mask)
-        if PER_SAMPLE_LOSS:
+        if not REDUCE:
             tl.store(loss + rows, value * tu.row_coef(w_ptr, w_s, rows, row_mask, W_T), mask=row_mask)
     else:
         tl.store(partials + rows * nsplit + part, total, mask=row_mask)
+    if REDUCE or not ROWS_WHOLE:
+        # The last program to finish sums up (deterministic: a fixed order, no float atomics) and resets the
+        # counter for the next launch; the atomic (acq_rel) orders every program's stores before its read.
+        ticket = tl.atomic_add(counter, 1)
+        if ticket == tl.num_programs(0) - 1:
+            _finish(partials, per_sample, loss, w_ptr, w_s, B, nsplit, inv_d, huber_c, batch_scale,
+                    W_T, METRIC, not ROWS_WHOLE, REDUCE, NSPLIT_P2, FIN_BLOCK)
+            tl.atomic_xchg(counter, 0)
 
 
 tu.register_kernel(
     _loss_fwd_kernel,
     pointers=dict.fromkeys(["a", "b", "c", "res"]) | {"partials": "fp32", "per_sample": "fp32", "loss": "fp32",
-                                                      "k_ptr": "fp32", "w_ptr": "fp32"},
+                                                      "counter": "i32", "k_ptr": "fp32", "w_ptr": "fp32"},
     constexprs={"K_T": (False, True), "W_T": (False, True), "HAS_C": (False, True), "SEEDED": (False, True),
-                "CHANNELS_LAST": (False, True), "METRIC": (0, 1, 2), "SAVE_RES": (False, True), "FINISH": (False, True),
-                "PER_SAMPLE_LOSS": (False, True)},
-    scalars={"k_s": "fp32", "w_s": "fp32", "seed": "i64", "noise_offset": "i64", "inv_d": "fp32", "huber_c": "fp32"},
-)
-
-
-@triton.jit
-def _loss_finish_kernel(
-    partials, per_sample, loss, w_ptr, w_s, B, nsplit, inv_d, huber_c, batch_scale,
-    W_T: tl.constexpr, METRIC: tl.constexpr, FROM_PARTIALS: tl.constexpr, REDUCE: tl.constexpr,
-    NSPLIT_P2: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """One program: per-sample values from the partials (fixed order), weights, and the batch sum (fixed order)."""
-    total = tl.zeros((BLOCK,), tl.float32)
-    for start in range(0, B, BLOCK):
-        rows = start + tl.arange(0, BLOCK).to(tl.int64)
-        row_mask = rows < B
-        if FROM_PARTIALS:
-            parts = tl.arange(0, NSPLIT_P2)[None, :]
-            vals = tl.load(partials + rows[:, None] * nsplit + parts, mask=row_mask[:, None] & (parts < nsplit), other=0.0)
-            s = tl.sum(vals, axis=1)
-            if METRIC == 2:
-                value = tl.sqrt(s + huber_c * huber_c) - huber_c
-            else:
-                value = s * inv_d
-            tl.store(per_sample + rows, value, mask=row_mask)
-        else:
-            value = tl.load(per_sample + rows, mask=row_mask, other=0.0)
-        if W_T:
-            value = value * tl.load(w_ptr + rows, mask=row_mask, other=0.0)
-        else:
-            value = value * w_s
-        if REDUCE:
-            total += tl.where(row_mask, value, 0.0)
-        else:
-            tl.store(loss + rows, value, mask=row_mask)
-    if REDUCE:
-        tl.store(loss, tl.sum(total, axis=0) * batch_scale)
-
-
-tu.register_kernel(
-    _loss_finish_kernel,
-    pointers={"partials": "fp32", "per_sample": "fp32", "loss": "fp32", "w_ptr": "fp32"},
-    constexprs={"W_T": (False, True), "METRIC": (0, 1, 2), "FROM_PARTIALS": (False, True), "REDUCE": (False, True),
-                "NSPLIT_P2": (1, 2, 4, 8, 16, 32, 64), "BLOCK": (1024, 512, 256, 128, 64)},
-    scalars={"w_s": "fp32", "inv_d": "fp32", "huber_c": "fp32", "batch_scale": "fp32"},
+                "CHANNELS_LAST": (False, True), "METRIC": (0, 1, 2), "SAVE_RES": (False, True),
+                "ROWS_WHOLE": (True, False), "REDUCE": (False, True), "NSPLIT_P2": (1, 2, 4, 8, 16, 32, 64),
+                "FIN_BLOCK": (1024, 512, 256, 128, 64)},
+    scalars={"k_s": "fp32", "w_s": "fp32", "seed": "i64", "noise_offset": "i64", "inv_d": "fp32", "huber_c": "fp32",
+             "batch_scale": "fp32"},
 )
 
 
@@ -166,8 +169,20 @@ tu.register_kernel(
 )
 
 
+def _counter(device: torch.device) -> torch.Tensor:
+    """The loss kernel's ticket counter for this device and stream: zero between launches (the last program
+    resets it), so it is allocated once (kept in the one cache); one per stream, as launches on a stream run in
+    order while two streams could overlap."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = ("triton loss counter", device, stream)
+    counter = CACHE.get(key)
+    if counter is None:
+        counter = CACHE[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
 def residual_loss(a, b, c, sigma, weight, sigma_s, weight_s, metric, huber_c, reduction, seed, offset, save_residual):
-    """fastat::residual_loss on the Triton backend: (loss, per_sample, residual)."""
+    """fastat::residual_loss on the Triton backend: (loss, per_sample, residual) from one kernel launch."""
     seeded = b is None
     layout = work_layout([a, b, c], logical=seeded)
     a, b, c = layout.tensors
@@ -179,26 +194,21 @@ def residual_loss(a, b, c, sigma, weight, sigma_s, weight_s, metric, huber_c, re
     if batch == 0:
         return (loss if reduction == NONE else loss.zero_()), per_sample, residual
     grid, bb, bd, warps, nsplit, chunk = tu.reduction_grid(batch, max(numel, 1), a.device)
-    finish = nsplit == 1
-    per_sample_loss = finish and reduction == NONE
-    partials = per_sample if finish else torch.empty((batch, nsplit), dtype=torch.float32, device=a.device)
+    rows_whole = nsplit == 1
+    reduce = reduction != NONE
+    partials = per_sample if rows_whole else a.new_empty((batch, nsplit), dtype=torch.float32)
+    counter = _counter(a.device) if reduce or not rows_whole else per_sample
+    nsplit_p2 = tu.next_pow2(nsplit)
     ch, sp, cl = tu.channels(a, layout.channels_last)
     has_c = c is not None
     tu.launch(_loss_fwd_kernel, grid, (
-        a, a if seeded else b, c if has_c else a, residual if save_residual else a, partials, per_sample, loss,
+        a, a if seeded else b, c if has_c else a, residual if save_residual else a, partials, per_sample, loss, counter,
         sigma if has_c and sigma is not None else a, sigma_s if has_c else 1.0,
         a if weight is None else weight, weight_s, batch, numel, ch, sp, seed, offset, chunk, nsplit,
-        1.0 / max(numel, 1), huber_c,
+        1.0 / max(numel, 1), huber_c, 1.0 / batch if reduction == MEAN else 1.0,
     ), dict(K_T=has_c and sigma is not None, W_T=weight is not None, HAS_C=has_c, SEEDED=seeded, CHANNELS_LAST=cl,
-            METRIC=metric, SAVE_RES=save_residual, FINISH=finish, PER_SAMPLE_LOSS=per_sample_loss,
-            BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
-    if not per_sample_loss:
-        nsplit_p2 = tu.next_pow2(nsplit)
-        tu.launch(_loss_finish_kernel, (1,), (
-            partials, per_sample, loss, a if weight is None else weight, weight_s, batch, nsplit, 1.0 / max(numel, 1),
-            huber_c, 1.0 / batch if reduction == MEAN else 1.0,
-        ), dict(W_T=weight is not None, METRIC=metric, FROM_PARTIALS=not finish, REDUCE=reduction != NONE,
-                NSPLIT_P2=nsplit_p2, BLOCK=min(1024, FINISH_TILE // nsplit_p2), num_warps=4 if not tu.INTERPRETING else 1))
+            METRIC=metric, SAVE_RES=save_residual, ROWS_WHOLE=rows_whole, REDUCE=reduce, NSPLIT_P2=nsplit_p2,
+            FIN_BLOCK=min(1024, FINISH_TILE // nsplit_p2), BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
     return loss, per_sample, residual
 
 
