@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _checks
 from ._backend import triton_interpreting
 
 
@@ -156,14 +157,15 @@ def replace_launch(hook: Callable) -> Iterator[None]:
     """Benchmark hook: every Triton launch calls `hook(kernel, grid, args, meta)` instead of running.
 
     fastat.bench.overhead uses it to time the host side of the triton backend (its Python glue) on a machine
-    without a GPU, and to count launches; outputs are left uninitialised. Not for anything that reads results."""
+    without a GPU, and to count launches; outputs are left uninitialised. As on a GPU, the values of coefficient
+    tensors are not read meanwhile (on a GPU each read would be a device sync). Not for anything that reads results."""
     global _launch_hook
-    saved = _launch_hook
-    _launch_hook = hook
+    saved, read = _launch_hook, _checks._READ_CPU_VALUES
+    _launch_hook, _checks._READ_CPU_VALUES = hook, False
     try:
         yield
     finally:
-        _launch_hook = saved
+        _launch_hook, _checks._READ_CPU_VALUES = saved, read
 
 
 def channels(template: torch.Tensor, channels_last: bool) -> Tuple[int, int, bool]:

@@ -370,3 +370,37 @@ def test_auto_skips_a_kernel_below_its_measured_sample_size(monkeypatch):
     finally:
         _dispatch._AUTO_MIN_OVERRIDE.pop(("cpp", "cpu"), None)
         _backend.forget()
+
+
+@pytest.mark.parametrize("choice", ["torch", "cpp"])
+def test_torch_compile_sees_the_one_operator_whatever_the_kernel(choice):
+    """Under a kernel backend the traced graph holds fastat's operators (torch.ops.fastat.*, the same whatever
+    backend supplies the kernel); under backend "torch" the reference is traced as plain aten ops."""
+    if choice == "cpp":
+        problem = fastat._ext._toolchain_problem() if not fastat._ext.is_built("cpp") else None
+        if problem is not None:
+            pytest.skip(f"cannot build the C++ extension here: {problem}")
+
+    def f(x0, n, d, p):
+        xt = fastat.noisy_input(x0, n, 0.5, 0.8, d)
+        return fastat.equivariant_mse(p * xt, n, d, 0.8)
+
+    x0, n, d = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    p = torch.tensor(1.5, requires_grad=True)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    with fastat.use_backend(choice):
+        got = torch.compile(f, fullgraph=True, backend=capture)(x0, n, d, p)
+        torch.testing.assert_close(got, f(x0, n, d, p))
+    targets = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
+    fastat_ops = {t for t in targets if t.startswith("fastat")}
+    if choice == "torch":
+        assert not fastat_ops, targets
+    else:
+        assert fastat_ops == {"fastat.noisy_input.default", "fastat.residual_loss.default"}, targets
+    torch._dynamo.reset()
