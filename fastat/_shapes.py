@@ -21,10 +21,13 @@ def per_sample_numel(x: torch.Tensor) -> int:
     return math.prod(x.shape[1:])
 
 
+_ONES = tuple((1,) * n for n in range(65))  # torch tensors have at most 64 dims
+
+
 def column(coef: Optional[Coef], like: torch.Tensor) -> Optional[Coef]:
     """A float stays a float; a [B] tensor becomes [B, 1, ..., 1] to broadcast against `like`."""
     if isinstance(coef, torch.Tensor):
-        return coef.reshape((coef.shape[0],) + (1,) * (like.ndim - 1))
+        return coef.reshape(coef.shape[0], *_ONES[like.ndim - 1])  # separate ints parse faster than one tuple
     return coef
 
 

@@ -281,7 +281,7 @@ def run_overhead_benchmarks(device, quick: bool = False, log: Callable[[str], No
         large = _inputs(LARGE, device)
         eager, fused = cases(large)["chain"]
         big = [n for n in names if n in ("eager", "torch", "auto", "cpp")]  # torch: the reference as fastat runs it
-        res = measure_case(eager, fused, big, device, rounds=7, inner=3, hook_launches=False)
+        res = measure_case(eager, fused, big, device, rounds=31, inner=1, hook_launches=False)
         rows += _rows("chain", LARGE, res, False)
         log(f"  {'chain ' + 'x'.join(map(str, LARGE)):<34} " + "  ".join(
             f"{n} {r['host_us'] / 1e3:.2f}ms" for n, r in res.items() if "host_us" in r))

@@ -71,9 +71,11 @@ def randn_flat(seed: int, offset: int, numel: int, device) -> torch.Tensor:
 
 def noise_layout(like: torch.Tensor) -> torch.memory_format:
     """Seeded noise comes out channels_last when `like` is, else contiguous."""
-    if like.ndim == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+    if like.is_contiguous():
+        return torch.contiguous_format
+    if like.ndim == 4 and like.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
-    if like.ndim == 5 and like.is_contiguous(memory_format=torch.channels_last_3d) and not like.is_contiguous():
+    if like.ndim == 5 and like.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
 

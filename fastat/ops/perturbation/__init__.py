@@ -128,23 +128,31 @@ def random_perturbation(
         then projected onto the ball / clamped to the box.
     init="zero": zeros.
     """
-    check_tensor("like", like)
-    check_choice("norm", norm, NORMS)
-    check_choice("init", init, INITS)
-    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+    if not isinstance(like, torch.Tensor) or like.dtype not in FLOATS or like.ndim < 1:
+        check_tensor("like", like)
+    if norm != "l2" and norm != "linf":
+        check_choice("norm", norm, NORMS)
+    if init != "uniform" and init != "normal" and init != "zero":
+        check_choice("init", init, INITS)
+    if dtype is None:
+        dtype = like.dtype
+    elif dtype not in FLOATS:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     if generator is not None and generator.device.type != like.device.type:
         raise ValueError(f"generator is on {generator.device} but like is on {like.device}")
-    dtype = dtype or like.dtype
-    radius, radius_s = _radius("radius", radius, like, norm, radius_mode, accumulation_dtype(dtype))
+    if radius.__class__ is float and radius_mode == "abs" and 0.0 <= radius < math.inf:
+        radius_s, radius = radius, None  # the common case, already checked
+    else:
+        radius, radius_s = _radius("radius", radius, like, norm, radius_mode, accumulation_dtype(dtype))
     if init == "zero":
         return torch.zeros(like.shape, dtype=dtype, device=like.device).contiguous(memory_format=noise_layout(like))
-    if _dispatch.compiling():
+    if is_compiling():
         route = None if _dispatch.traced_as_reference() else RANDOM_PERTURBATION.operator_route
     else:
         batch = like.shape[0]
-        route = _dispatch.select(RANDOM_PERTURBATION, device_type(like), dtype, 0, like.numel() // batch if batch else 0)
-        if not route.checks_values:
+        route = _dispatch.select(RANDOM_PERTURBATION, "cpu" if like.is_cpu else device_type(like), dtype, 0,
+                                 like.numel() // batch if batch else 0)
+        if radius is not None and not route.checks_values:
             check_values("radius", radius, nonnegative=True)
     if route is None or route.direct:
         return reference.random_perturbation_from_generator(like, radius_s if radius is None else radius, norm, init,

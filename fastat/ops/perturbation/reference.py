@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from ..._shapes import Coef, column, compute_dtype, per_sample_numel, promote, sum_flat
+from ..noise.reference import noise_layout, rand_flat, randn_flat
 
 NORM_FLOOR = 1e-8  # the official P1 code's max(||.||, 1e-8)
 
@@ -71,8 +72,6 @@ def random_perturbation(like, seed, radius, radius_s: float, l2: bool, normal: b
       L2 normal: n * c_b, c_b = (R_b/sqrt(D)) min(1, R_b / max(||n_b|| R_b/sqrt(D), 1e-8)) (projected on the ball);
       L2 uniform: n * R_b U_b^(1/D) / max(||n_b||, 1e-8), U_b = tl.rand(s, B*D + b).
     The result is channels_last when `like` is, else contiguous."""
-    from ..noise.reference import noise_layout, rand_flat, randn_flat
-
     sd = int(seed.reshape(()).item())
     batch, numel = like.shape[0], like.numel()
     d = max(per_sample_numel(like), 1)
@@ -108,29 +107,30 @@ def random_perturbation_from_generator(
     """What the torch backend draws for fastat.random_perturbation: the same distributions as the kernels, from
     torch's generator (`generator`, else the global one). The draws fill a contiguous buffer in logical order, so
     they do not depend on the memory layout of `like`; the result is channels_last when `like` is."""
-    from ..noise.reference import noise_layout
-
     dtype = dtype or like.dtype
     layout = noise_layout(like)
     if init == "zero":
         return torch.zeros(like.shape, dtype=dtype, device=like.device).contiguous(memory_format=layout)
-    acc = compute_dtype(torch.empty(0, dtype=dtype))
-    batch, d = like.shape[0], max(per_sample_numel(like), 1)
-    r = column(radius, like)
+    acc = torch.float64 if dtype is torch.float64 else torch.float32
+    batch = like.shape[0]
+    d = max(like.numel() // batch, 1) if batch else max(per_sample_numel(like), 1)
+    fresh = dict(dtype=acc, memory_format=torch.contiguous_format)  # draws fill it in logical order
     if init == "normal":
-        out = torch.randn(like.shape, generator=generator, dtype=acc, device=like.device)
-        if norm == "l2":
-            out = project_l2(out * (r / d**0.5), radius)
-        else:
-            out = clamp_box(out * r, radius)
+        out = torch.empty_like(like, **fresh).normal_(generator=generator)
+        r = column(radius, like)
+        out = project_l2(out * (r / d**0.5), radius) if norm == "l2" else clamp_box(out * r, radius)
     elif norm == "linf":
-        out = torch.empty(like.shape, dtype=acc, device=like.device).uniform_(-1.0, 1.0, generator=generator) * r
+        out = torch.empty_like(like, **fresh).uniform_(-1.0, 1.0, generator=generator).mul_(column(radius, like))
     else:
-        # Uniform in the L2 ball: a uniform direction times R * U^(1/D).
-        out = torch.randn(like.shape, generator=generator, dtype=acc, device=like.device)
-        scale = torch.rand(batch, generator=generator, device=like.device, dtype=torch.float64).pow_(1.0 / d).to(acc)
-        scale = scale.mul_(radius) if not isinstance(radius, torch.Tensor) else scale.mul_(radius.to(acc))
-        out = out.mul_(column(scale.div_(l2_norm(out).clamp_min_(NORM_FLOOR)), out))
+        # Uniform in the L2 ball: a uniform direction times R * U^(1/D). Eight aten calls, as few as the plain
+        # eager expression makes (this is auto's route on CPU; randn_like is the cheapest way to draw).
+        if generator is None:
+            out = torch.randn_like(like, **fresh)
+        else:
+            out = torch.empty_like(like, **fresh).normal_(generator=generator)
+        scale = torch.rand(batch, generator=generator, device=like.device, dtype=acc).pow_(1.0 / d).mul_(radius)
+        length = torch.linalg.vector_norm(out.view(batch, out.numel() // batch if batch else 0), dim=1)
+        out = out.mul_(column(scale.div_(length.clamp_min_(NORM_FLOOR)), out))
     if out.dtype is not dtype:
         out = out.to(dtype)
     return out if layout is torch.contiguous_format else out.contiguous(memory_format=layout)
