@@ -500,3 +500,17 @@ def test_training_loops_run_on_an_explicit_cpp_backend(method, random_start):
                                          generator=torch.Generator().manual_seed(1), **kw)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
+
+
+def test_direct_entries_are_recorded_by_the_profiler():
+    """The eager route calls the kernels' direct entries (no dispatcher): each call still shows in torch.profiler
+    as fastat_cpp::<op>."""
+    x = torch.randn(4, 2, 4, 4)
+    pred = x.clone().requires_grad_()
+    with fastat.use_backend("cpp"), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fastat.noisy_input(x, x, 0.5, 0.5, x)
+        fastat.pgd_step(x, x, 0.1, 1.0)
+        fastat.equivariant_mse(pred, x, x, 0.5).backward()
+    names = {e.key for e in prof.key_averages() if e.key.startswith("fastat_cpp::")}
+    assert {"fastat_cpp::noisy_input", "fastat_cpp::pgd_step", "fastat_cpp::residual_loss",
+            "fastat_cpp::residual_loss_backward"} <= names, names

@@ -37,5 +37,7 @@ static PyMethodDef fastat_cpp_methods[] = {
 #define FASTAT_CONCAT(a, b) FASTAT_CONCAT_(a, b)
 
 static struct PyModuleDef fastat_cpp_module = {PyModuleDef_HEAD_INIT, FASTAT_STRINGIFY(TORCH_EXTENSION_NAME),
-                                               "fastat's CPU kernels", -1, fastat_cpp_methods};
-PyMODINIT_FUNC FASTAT_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&fastat_cpp_module); }
+                                               "fastat's CPU kernels", -1, nullptr};
+PyMODINIT_FUNC FASTAT_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  return fastat::python::add_entries(PyModule_Create(&fastat_cpp_module), fastat_cpp_methods, "fastat_cpp");
+}

@@ -33,10 +33,10 @@ static PyMethodDef fastat_cuda_methods[] = {
 
 static struct PyModuleDef fastat_cuda_module = {PyModuleDef_HEAD_INIT, "_C_cuda",
                                                 "fastat's CUDA kernels; the ops live in torch.ops.fastat_cuda", -1,
-                                                fastat_cuda_methods};
+                                                nullptr};
 
 PyMODINIT_FUNC PyInit__C_cuda(void) {
-  PyObject* module = PyModule_Create(&fastat_cuda_module);
+  PyObject* module = fastat::python::add_entries(PyModule_Create(&fastat_cuda_module), fastat_cuda_methods, "fastat_cuda");
   if (module != nullptr) {
     // Build fact compared with the running torch by fastat._ext (an ABI mismatch warns instead of crashing later).
     PyModule_AddStringConstant(module, "torch_version", TORCH_VERSION);

@@ -7,12 +7,14 @@
 // Arguments are converted by C++ type: const at::Tensor& (a tensor), const std::optional<at::Tensor>& (a tensor or
 // None), double, int64_t, bool, at::ScalarType and std::optional<at::ScalarType> (a torch.dtype or None); results
 // are a tensor or a tuple of tensors. The GIL is released while the kernel runs; C++ errors become Python
-// exceptions as in torch (TORCH_CHECK_VALUE -> ValueError, ...).
+// exceptions as in torch (TORCH_CHECK_VALUE -> ValueError, ...). Each call is recorded for torch.profiler under
+// "<namespace>::<op>" (e.g. fastat_cpp::noisy_input; free when no profiler runs): the function's `self` is that name.
 #pragma once
 
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/TypeTraits.h>
 #include <torch/csrc/Dtype.h>
@@ -97,9 +99,10 @@ struct ReleaseGil {
 };
 
 template <auto Kernel, typename... Params, size_t... I>
-PyObject* call(PyObject* const* args, std::index_sequence<I...>) {
+PyObject* call(const char* label, PyObject* const* args, std::index_sequence<I...>) {
   std::tuple<std::decay_t<Params>...> converted{Arg<std::decay_t<Params>>::get(args[I], I)...};
   auto result = [&] {
+    RECORD_FUNCTION(label, c10::ArrayRef<const c10::IValue>{});
     ReleaseGil release;
     // Below autograd, as a dispatcher kernel runs (the eager route calls it inside fastat's autograd Function).
     c10::impl::ExcludeDispatchKeyGuard below(c10::autograd_dispatch_keyset);
@@ -111,23 +114,49 @@ PyObject* call(PyObject* const* args, std::index_sequence<I...>) {
 template <auto Kernel, typename List> struct Caller;
 
 template <auto Kernel, typename... Params> struct Caller<Kernel, c10::guts::typelist::typelist<Params...>> {
-  static PyObject* run(PyObject* const* args, Py_ssize_t nargs) {
+  static PyObject* run(const char* label, PyObject* const* args, Py_ssize_t nargs) {
     TORCH_CHECK(nargs == static_cast<Py_ssize_t>(sizeof...(Params)), "expected ", sizeof...(Params), " arguments, got ", nargs);
-    return call<Kernel, Params...>(args, std::index_sequence_for<Params...>());
+    return call<Kernel, Params...>(label, args, std::index_sequence_for<Params...>());
   }
 };
 
 template <auto Kernel>
-PyObject* entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+PyObject* entry(PyObject* label, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   using Traits = c10::guts::infer_function_traits_t<std::remove_pointer_t<decltype(Kernel)>>;
-  return Caller<Kernel, typename Traits::parameter_types>::run(args, nargs);
+  const char* name = PyUnicode_AsUTF8(label);  // cached by the str object
+  if (name == nullptr) throw python_error();
+  return Caller<Kernel, typename Traits::parameter_types>::run(name, args, nargs);
   END_HANDLE_TH_ERRORS
+}
+
+// Adds every entry of `methods` (a static table ended by a null entry) to `module` as a function whose `self` is
+// its profiler name "<ns>::<name>". Returns the module, or nullptr with a Python error set.
+inline PyObject* add_entries(PyObject* module, PyMethodDef* methods, const char* ns) {
+  if (module == nullptr) return nullptr;
+  PyObject* module_name = PyModule_GetNameObject(module);
+  for (PyMethodDef* def = methods; module_name != nullptr && def->ml_name != nullptr; ++def) {
+    PyObject* label = PyUnicode_FromFormat("%s::%s", ns, def->ml_name);
+    PyObject* fn = label == nullptr ? nullptr : PyCFunction_NewEx(def, label, module_name);
+    Py_XDECREF(label);
+    if (fn == nullptr || PyModule_AddObject(module, def->ml_name, fn) < 0) {
+      Py_XDECREF(fn);
+      Py_DECREF(module_name);
+      Py_DECREF(module);
+      return nullptr;
+    }
+  }
+  if (module_name == nullptr) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  Py_DECREF(module_name);
+  return module;
 }
 
 }  // namespace fastat::python
 
-// One line per kernel in a module's method table: FASTAT_ENTRY("noisy_input", fastat_cpu::noisy_input).
+// One line per kernel in a module's entry table (given to add_entries): FASTAT_ENTRY("noisy_input", fastat_cpu::noisy_input).
 #define FASTAT_ENTRY(name, kernel)                                                                          \
   {                                                                                                         \
     name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fastat::python::entry<&kernel>)), \
