@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from utils import DTYPES, LAYOUTS, SHAPES, as64, coefficient, hand_pgd_step, make, rows, seed_of, tol
+from utils import DTYPES, LAYOUTS, SHAPES, as64, coefficient, hand_pgd_step, make, rows, runnable_backends, seed_of, tol
 
 import fastat
 
@@ -264,12 +264,18 @@ def test_random_perturbation_rms_radius_mode():
     assert a.abs().max() <= 0.1
 
 
-def test_random_perturbation_empty_batch():
+@pytest.mark.parametrize("backend", runnable_backends("cpu"))
+def test_random_perturbation_empty_batch(backend):
+    """Nothing to draw: an empty result, and the caller's generator is not advanced (on every backend)."""
     e = torch.empty(0, 3, 4)
-    for norm in ("l2", "linf"):
-        for init in ("uniform", "normal", "zero"):
-            assert fastat.random_perturbation(e, 1.0, norm, init).shape == (0, 3, 4)
-            assert fastat.random_perturbation(e, torch.empty(0), norm, init).shape == (0, 3, 4)
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    with fastat.use_backend(backend):
+        for norm in ("l2", "linf"):
+            for init in ("uniform", "normal", "zero"):
+                assert fastat.random_perturbation(e, 1.0, norm, init, generator=gen).shape == (0, 3, 4)
+                assert fastat.random_perturbation(e, torch.empty(0), norm, init, generator=gen).shape == (0, 3, 4)
+    assert torch.equal(gen.get_state(), state)
 
 
 # ---------------------------------------------------------------------------------- per_sample_norm
@@ -353,8 +359,6 @@ def test_errors(call, exc, match):
 
 
 def _cpu_backends():
-    from utils import runnable_backends
-
     return [b for b in runnable_backends("cpu") if b in ("torch", "cpp", "triton")]
 
 

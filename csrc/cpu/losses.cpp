@@ -40,7 +40,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_loss(
   at::Tensor per_sample = at::empty({batch}, a.options().dtype(acc));
   at::Tensor loss = reduction == fastat::kReductionNone ? at::empty({batch}, a.options().dtype(acc))
                                                         : at::empty({}, a.options().dtype(acc));
-  at::Tensor residual = save_residual ? fastat::empty_output(a, layout, dtype) : at::empty({0}, a.options().dtype(dtype));
+  // r in the accumulation dtype: the backward rounds each gradient once, as the reference does.
+  at::Tensor residual = save_residual ? fastat::empty_output(a, layout, acc) : at::empty({0}, a.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastat_cpp::residual_loss", [&] {
     using T = scalar_t;
     using A = fastat::acc_t<T>;
@@ -51,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_loss(
                                  reduction == fastat::kReductionNone ? pl : nullptr};
     const T* pa = a.const_data_ptr<T>();
     const T* pb = seeded ? nullptr : b.const_data_ptr<T>();
-    T* pr = save_residual ? residual.mutable_data_ptr<T>() : nullptr;
+    A* pr = save_residual ? residual.mutable_data_ptr<A>() : nullptr;
     const fastat::LogicalIndex logical = fastat::logical_index(a, layout);
     const Tiles tiles = make_tiles(batch, d);
     if (c.defined()) {
@@ -82,7 +83,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_loss_backward(
   TORCH_CHECK(metric >= 0 && metric <= 2, "fastat_cpp::residual_loss_backward: metric must be 0, 1 or 2, got ", metric);
   at::Tensor residual = residual_in;
   const Layout layout = fastat::work_layout({&residual}, false);
-  const at::ScalarType dtype = residual.scalar_type(), acc = fastat::accumulation(dtype);
+  const at::ScalarType acc = residual.scalar_type();
+  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble,
+              "fastat_cpp::residual_loss_backward: the residual is float32 or float64 (the accumulation dtype), got ", acc);
+  const at::ScalarType dtype = fastat::gradient_dtype(acc, a_dtype, b_dtype, c_dtype);
   const int64_t batch = residual.size(0), n = residual.numel(), d = fastat::sample_numel(residual);
   fastat::check_coef(sigma, residual, "sigma");
   fastat::check_coef(weight, residual, "weight");
@@ -96,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_loss_backward(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastat_cpp::residual_loss_backward", [&] {
       using T = scalar_t;
       using A = fastat::acc_t<T>;
-      elementwise(n, d, fastat::ResidualGradOp<T>{residual.const_data_ptr<T>(), g.const_data_ptr<A>(), ps.const_data_ptr<A>(),
+      elementwise(n, d, fastat::ResidualGradOp<T>{residual.const_data_ptr<A>(), g.const_data_ptr<A>(), ps.const_data_ptr<A>(),
                                                a_dtype ? ga.mutable_data_ptr<T>() : nullptr,
                                                b_dtype ? gb.mutable_data_ptr<T>() : nullptr,
                                                c_dtype ? gc.mutable_data_ptr<T>() : nullptr,

@@ -131,4 +131,16 @@ inline void check_coef_values(const c10::optional<at::Tensor>& t, const char* na
 // The accumulation dtype of a data dtype: fp64 for fp64, fp32 otherwise.
 inline at::ScalarType accumulation(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The dtype the residual losses' backward computes its gradients in, from a residual kept in the accumulation dtype:
+// the promotion of the wanted gradients' dtypes (each then rounded once), or the residual's own dtype when that
+// promotion accumulates in another (an fp64 residual with low-precision gradients wanted).
+inline at::ScalarType gradient_dtype(at::ScalarType residual, const c10::optional<at::ScalarType>& a,
+                                     const c10::optional<at::ScalarType>& b, const c10::optional<at::ScalarType>& c) {
+  c10::optional<at::ScalarType> out;
+  for (const auto* d : {&a, &b, &c}) {
+    if (d->has_value()) out = out.has_value() ? c10::promoteTypes(*out, **d) : **d;
+  }
+  return out.has_value() && accumulation(*out) == residual ? *out : residual;
+}
+
 }  // namespace fastat

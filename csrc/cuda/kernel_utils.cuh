@@ -35,7 +35,9 @@ template <typename T, typename A> FASTAT_HD T from_acc(A v) { return static_cast
 // Elements per 16-byte pack.
 template <typename T> constexpr int pack_size() { return 16 / static_cast<int>(sizeof(T)) > 0 ? 16 / static_cast<int>(sizeof(T)) : 1; }
 
-template <typename T, int N> struct alignas(sizeof(T) * N) Pack {
+// At most 16-byte aligned: a pack wider than 16 bytes (8 fp32 residual values beside 8 fp16 inputs) is accessed as
+// 16-byte vectors, so it needs no more alignment than aligned16() checks.
+template <typename T, int N> struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
   T v[N];
 };
 

@@ -6,7 +6,7 @@
 //   CM distance:          a = pred, b = target, no c
 // metric 0: v_b = sum(r^2) / D;  1: sum(|r|) / D;  2 (pseudo-Huber): sqrt(sum(r^2) + h^2) - h;
 // loss = w_b v_b (reduction none) | sum_b w_b v_b | the sum / B.
-// Forward: one tile-reduction pass (per-warp partials) that can also store r in the input dtype, so the backward never
+// Forward: one tile-reduction pass (per-warp partials) that can also store r (fp32, fp64 for fp64 data), so the backward never
 // re-reads a, b and c nor materialises the target; then one finalize launch: per sample (reduction none), or one
 // block that also sums the batch in a fixed order (deterministic). The per-element code is the functors of
 // losses_ops.cuh, shared with csrc/cpu.
@@ -26,7 +26,7 @@ void launch_residual(const Tiling& t, bool vec, const at::Tensor& a, const at::T
   constexpr int P = pack_size<T>();
   const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
   const T* cp = HAS_C ? c.data_ptr<T>() : nullptr;
-  T* rp = save ? residual.data_ptr<T>() : nullptr;
+  acc_t<T>* rp = save ? residual.data_ptr<acc_t<T>>() : nullptr;
   launch_tile_reduce<P, 1>(t, vec, ResidualOp<T, HAS_C>{a.data_ptr<T>(), bp, cp, rp, sigma, abs_metric, logical, seed, offset},
                            partials, stream);
 }
@@ -58,7 +58,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_loss_cuda(
   const int64_t batch = a.size(0), d = sample_numel(a);
   at::Tensor per_sample = at::empty({batch}, a.options().dtype(acc));
   at::Tensor loss = reduction == kReductionNone ? at::empty({batch}, a.options().dtype(acc)) : at::empty({}, a.options().dtype(acc));
-  at::Tensor residual = save_residual ? empty_output(a, layout, dtype) : at::empty({0}, a.options().dtype(dtype));
+  // r in the accumulation dtype: the backward rounds each gradient once, as the reference does.
+  at::Tensor residual = save_residual ? empty_output(a, layout, acc) : at::empty({0}, a.options().dtype(acc));
   if (batch == 0) {
     if (reduction != kReductionNone) loss.zero_();
     return {loss, per_sample, residual};
@@ -108,7 +109,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_loss_backward_cuda(
   c10::cuda::CUDAGuard guard(residual_in.device());
   at::Tensor residual = residual_in;
   const Layout layout = work_layout({&residual}, false);
-  const at::ScalarType dtype = residual.scalar_type(), acc = accumulation(dtype);
+  const at::ScalarType acc = residual.scalar_type();
+  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble,
+              "fastat_cuda: the residual is float32 or float64 (the accumulation dtype), got ", acc);
+  const at::ScalarType dtype = gradient_dtype(acc, a_dtype, b_dtype, c_dtype);
   auto make = [&](bool want) { return want ? empty_output(residual, layout, dtype) : at::empty({0}, residual.options()); };
   at::Tensor ga = make(a_dtype.has_value()), gb = make(b_dtype.has_value()), gc = make(c_dtype.has_value());
   const int64_t n = residual.numel(), d = sample_numel(residual);
@@ -123,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_loss_backward_cuda(
       using A = acc_t<T>;
       constexpr int P = pack_size<T>();
       launch_elementwise<P>(n, vec,
-                            ResidualGradOp<T>{residual.data_ptr<T>(), grad_loss.data_ptr<A>(), per_sample.data_ptr<A>(),
+                            ResidualGradOp<T>{residual.data_ptr<A>(), grad_loss.data_ptr<A>(), per_sample.data_ptr<A>(),
                                               a_dtype ? ga.data_ptr<T>() : nullptr, b_dtype ? gb.data_ptr<T>() : nullptr,
                                               c_dtype ? gc.data_ptr<T>() : nullptr, make_coef<A>(sigma, sigma_s),
                                               make_coef<A>(weight, weight_s), static_cast<A>(huber_c),

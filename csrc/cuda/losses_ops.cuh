@@ -26,7 +26,7 @@ struct ResidualOp {
   const T* __restrict__ a;
   const T* __restrict__ b;  // nullptr: seeded noise
   const T* __restrict__ c;
-  T* __restrict__ residual;  // nullptr: not stored
+  A* __restrict__ residual;  // nullptr: not stored; kept in the accumulation dtype (one rounding in the backward)
   Coef<A> sigma;
   bool abs_metric;  // metric 1 sums |r|, the others r^2
   LogicalIndex logical;
@@ -86,7 +86,7 @@ struct ResidualOp {
   void span_as(int64_t lo, int64_t hi, bool store, bool abs) {  // seeded noise: Philox per element anyway
     for (int64_t i = lo, l = 0; i < hi; ++i, l = (l + 1) % LANES) {
       const A r = residual_of(to_acc(a[i]), noise_at(i), HAS_C ? to_acc(c[i]) : A(0), sb);
-      if (store) residual[i] = from_acc<T>(r);
+      if (store) residual[i] = r;
       sum[l] += abs ? fabs(r) : r * r;
     }
   }
@@ -95,7 +95,7 @@ struct ResidualOp {
   void span_as(int64_t lo, int64_t hi) {
     auto add = [&](int l, int64_t j) {
       const A r = residual_of(to_acc(a[j]), to_acc(b[j]), HAS_C ? to_acc(c[j]) : A(0), sb);
-      if (STORE) residual[j] = from_acc<T>(r);
+      if (STORE) residual[j] = r;
       sum[l] += ABS ? fabs(r) : r * r;
     };
     int64_t i = lo;
@@ -124,14 +124,15 @@ struct LossFin {
   }
 };
 
-// Gradients of the loss with respect to a, b and c from the stored residual: with g_b the upstream gradient of
-// sample b (grad_loss[b] for reduction none, else grad_loss[0], times 1/B for the mean) times w_b,
+// Gradients of the loss with respect to a, b and c from the stored residual (accumulation dtype), written in T:
+// with g_b the upstream gradient of sample b (grad_loss[b] for reduction none, else grad_loss[0], times 1/B for
+// the mean) times w_b,
 //   dL/da = g_b f(r),  dL/db = -dL/da,  dL/dc = -dL/da / sigma_b,   f(r) = 2r/D | sign(r)/D | r / (v_b + h)
 // (pseudo-Huber: d/dr sqrt(S + h^2) = r / sqrt(S + h^2) = r / (v_b + h); 0 where v_b + h = 0, i.e. h = 0, r = 0).
 template <typename T>
 struct ResidualGradOp {
   using A = acc_t<T>;
-  const T* __restrict__ residual;
+  const A* __restrict__ residual;
   const A* __restrict__ grad_loss;
   const A* __restrict__ per_sample;
   T* __restrict__ out_a;
@@ -173,7 +174,7 @@ struct ResidualGradOp {
   void span(int64_t lo, int64_t hi, int64_t b) const {
     const A f = factor(b), sb = out_c != nullptr ? sigma(b) : A(1);
     auto v = [&](int64_t i) {
-      const A r = to_acc(residual[i]);
+      const A r = residual[i];
       return metric == 1 ? A((r > A(0)) - (r < A(0))) : r;
     };
     if (out_a != nullptr)

@@ -7,13 +7,15 @@ Every fused loss is one per-sample reduction of the residual r = a - b - c / sig
         metric 0: v_b = mean_flat(r^2); 1: mean_flat(|r|); 2 (pseudo-Huber): sqrt(sum_flat(r^2) + h^2) - h
         reduction 0 (none): loss = w_b v_b [B]; 1 (sum): sum_b w_b v_b; 2 (mean): the sum / B (0 for B = 0)
         b None: seeded noise gaussian_noise(a, seed, offset), drawn in-kernel. per_sample: v_b [B] (fp32, fp64 for
-        fp64 data). residual: r in promote(a, b, c) when save_residual (what the backward reads), else empty.
+        fp64 data). residual: r when save_residual (what the backward reads), else empty; in the accumulation dtype
+        (fp32, fp64 for fp64 data), so that each gradient is rounded once, as in the reference.
     residual_loss_backward(grad_loss, residual, per_sample, sigma?, weight?, sigma_s, weight_s, metric, huber_c,
                            reduction, a_dtype?, b_dtype?, c_dtype?) -> (da, db, dc)
         da = g_b f(r), db = -da, dc = -da / sigma_b, g_b = grad_loss(_b) w_b (/B for the mean),
         f(r) = 2r/D | sign(r)/D | r / (v_b + h) (0 where v_b + h = 0); a None dtype: not wanted (empty).
 Why store r instead of recomputing it in the backward: recomputing reads a, b and c again (3 N reads) where
-reading r is N, so the pair moves (3 + 1 + 1 + k) N elements instead of (3 + 3 + k) N (k gradients written).
+reading r is N, so the pair moves (3 + 1 + 1 + k) N elements instead of (3 + 3 + k) N (k gradients written); with
+fp16/bf16 data r takes twice an element's bytes, (3 + 2 + 2 + k) N against (3 + 3 + k) N.
 Gradients into tensor sigma or weight are the reference's alone (features "sigma_grad", "weight_grad").
 """
 from __future__ import annotations
@@ -68,14 +70,13 @@ class ResidualLossFunction(torch.autograd.Function):
 
 
 def _fake(a, b, c, sigma, weight, sigma_s, weight_s, metric, huber_c, reduction, seed, offset, save_residual):
-    dtype = residual_dtype(a, b, c)
-    acc = accumulation_dtype(dtype)
+    acc = accumulation_dtype(residual_dtype(a, b, c))
     batch = a.shape[0]
     loss = a.new_empty((batch,) if reduction == NONE else (), dtype=acc)
     per_sample = a.new_empty((batch,), dtype=acc)
     if not save_residual:
-        return loss, per_sample, a.new_empty(0, dtype=dtype)
-    return loss, per_sample, empty_output(work_layout([a, b, c], logical=b is None), dtype)
+        return loss, per_sample, a.new_empty(0, dtype=acc)
+    return loss, per_sample, empty_output(work_layout([a, b, c], logical=b is None), acc)
 
 
 def _fake_backward(grad_loss, residual, per_sample, sigma, weight, sigma_s, weight_s, metric, huber_c, reduction,

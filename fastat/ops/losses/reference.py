@@ -51,7 +51,7 @@ def residual_loss(a, b, c, sigma, weight, sigma_s: float, weight_s: float, metri
     per_sample = per_sample_metric(r, metric, huber_c)
     weighted = per_sample * (weight_s if weight is None else weight)
     loss = reduce_batch(weighted, reduction)
-    residual = r.to(dtype) if save_residual else a.new_empty(0, dtype=dtype)
+    residual = r if save_residual else a.new_empty(0, dtype=acc)  # kept in acc: the backward rounds once
     return loss, per_sample, residual
 
 

@@ -24,7 +24,7 @@ import triton.language as tl
 from ... import _triton_utils as tu
 from ..._backend import CACHE
 from ..._shapes import empty_output, work_layout
-from .reference import MEAN, NONE, residual_dtype
+from .reference import MEAN, NONE
 
 FINISH_TILE = 4096  # rows x partials per step of the finishing program (rows: 1024 at most)
 
@@ -119,8 +119,8 @@ def _loss_fwd_kernel(
 
 tu.register_kernel(
     _loss_fwd_kernel,
-    pointers=dict.fromkeys(["a", "b", "c", "res"]) | {"partials": "fp32", "per_sample": "fp32", "loss": "fp32",
-                                                      "counter": "i32", "k_ptr": "fp32", "w_ptr": "fp32"},
+    pointers=dict.fromkeys(["a", "b", "c"]) | {"res": "fp32", "partials": "fp32", "per_sample": "fp32", "loss": "fp32",
+                                               "counter": "i32", "k_ptr": "fp32", "w_ptr": "fp32"},
     constexprs={"K_T": (False, True), "W_T": (False, True), "HAS_C": (False, True), "SEEDED": (False, True),
                 "CHANNELS_LAST": (False, True), "METRIC": (0, 1, 2), "SAVE_RES": (False, True),
                 "ROWS_WHOLE": (True, False), "REDUCE": (False, True), "NSPLIT_P2": (1, 2, 4, 8, 16, 32, 64),
@@ -161,8 +161,8 @@ def _loss_bwd_kernel(
 
 tu.register_kernel(
     _loss_bwd_kernel,
-    pointers=dict.fromkeys(["res", "ga", "gb", "gc"]) | {"gout": "fp32", "per_sample": "fp32", "k_ptr": "fp32",
-                                                        "w_ptr": "fp32"},
+    pointers=dict.fromkeys(["ga", "gb", "gc"]) | {"res": "fp32", "gout": "fp32", "per_sample": "fp32", "k_ptr": "fp32",
+                                                 "w_ptr": "fp32"},
     constexprs={"K_T": (False, True), "W_T": (False, True), "METRIC": (0, 1, 2), "WANT_A": (False, True),
                 "WANT_B": (False, True), "WANT_C": (False, True)},
     scalars={"k_s": "fp32", "w_s": "fp32", "inv_d": "fp32", "huber_c": "fp32", "batch_scale": "fp32"},
@@ -186,11 +186,11 @@ def residual_loss(a, b, c, sigma, weight, sigma_s, weight_s, metric, huber_c, re
     seeded = b is None
     layout = work_layout([a, b, c], logical=seeded)
     a, b, c = layout.tensors
-    dtype = residual_dtype(a, b, c)
     batch, numel = tu.batch_numel(a)
     per_sample = a.new_empty((batch,), dtype=torch.float32)
     loss = per_sample.new_empty((batch,) if reduction == NONE else ())
-    residual = empty_output(layout, dtype) if save_residual else a.new_empty(0, dtype=dtype)
+    # r in fp32 (the accumulation dtype): the backward rounds each gradient once, as the reference does
+    residual = empty_output(layout, torch.float32) if save_residual else per_sample.new_empty(0)
     if batch == 0:
         return (loss if reduction == NONE else loss.zero_()), per_sample, residual
     grid, bb, bd, warps, nsplit, chunk = tu.reduction_grid(batch, max(numel, 1), a.device)
@@ -202,9 +202,10 @@ def residual_loss(a, b, c, sigma, weight, sigma_s, weight_s, metric, huber_c, re
     ch, sp, cl = tu.channels(a, layout.channels_last)
     has_c = c is not None
     tu.launch(_loss_fwd_kernel, grid, (
-        a, a if seeded else b, c if has_c else a, residual if save_residual else a, partials, per_sample, loss, counter,
-        sigma if has_c and sigma is not None else a, sigma_s if has_c else 1.0,
-        a if weight is None else weight, weight_s, batch, numel, ch, sp, seed, offset, chunk, nsplit,
+        a, a if seeded else b, c if has_c else a, residual if save_residual else per_sample, partials, per_sample, loss,
+        counter,
+        sigma if has_c and sigma is not None else per_sample, sigma_s if has_c else 1.0,
+        per_sample if weight is None else weight, weight_s, batch, numel, ch, sp, seed, offset, chunk, nsplit,
         1.0 / max(numel, 1), huber_c, 1.0 / batch if reduction == MEAN else 1.0,
     ), dict(K_T=has_c and sigma is not None, W_T=weight is not None, HAS_C=has_c, SEEDED=seeded, CHANNELS_LAST=cl,
             METRIC=metric, SAVE_RES=save_residual, ROWS_WHOLE=rows_whole, REDUCE=reduce, NSPLIT_P2=nsplit_p2,
@@ -225,12 +226,13 @@ def residual_loss_backward(grad_loss, residual, per_sample, sigma, weight, sigma
     ga, gb, gc = out(a_dtype), out(b_dtype), out(c_dtype)
     if residual.numel() == 0 or not any(want):
         return ga, gb, gc
+    unused = next(g for g, w in zip((ga, gb, gc), want) if w)  # stands in for the gradients not wanted
     batch, numel = tu.batch_numel(residual)
     grid, bb, bd, warps, n_col = tu.launch_grid(batch, numel)
     gout = grad_loss if grad_loss.dtype == torch.float32 else grad_loss.float()
     tu.launch(_loss_bwd_kernel, grid, (
         residual, gout, gout.stride(0) if reduction == NONE else 0, per_sample,
-        ga if want[0] else residual, gb if want[1] else residual, gc if want[2] else residual,
+        ga if want[0] else unused, gb if want[1] else unused, gc if want[2] else unused,
         residual if sigma is None else sigma, sigma_s, residual if weight is None else weight, weight_s,
         batch, numel, n_col, 1.0 / numel, huber_c, 1.0 / batch if reduction == MEAN else 1.0,
     ), dict(K_T=sigma is not None, W_T=weight is not None, METRIC=metric, WANT_A=want[0], WANT_B=want[1], WANT_C=want[2],

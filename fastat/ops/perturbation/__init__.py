@@ -146,6 +146,8 @@ def random_perturbation(
         radius, radius_s = _radius("radius", radius, like, norm, radius_mode, accumulation_dtype(dtype))
     if init == "zero":
         return torch.zeros(like.shape, dtype=dtype, device=like.device).contiguous(memory_format=noise_layout(like))
+    if not like.numel() and not is_compiling():  # nothing to draw: the generator is not advanced, on any backend
+        return torch.empty(like.shape, dtype=dtype, device=like.device).contiguous(memory_format=noise_layout(like))
     if is_compiling():
         route = None if _dispatch.traced_as_reference() else RANDOM_PERTURBATION.operator_route
     else:
