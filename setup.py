@@ -120,6 +120,7 @@ def extensions() -> Tuple[list, dict]:
             CppExtension(
                 "fastat._C",
                 _rel(os.path.join("csrc", "cpu", "*.cpp")),
+                include_dirs=[os.path.join(ROOT, "csrc", "cuda")],  # the per-element functors shared with CUDA
                 extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
                 extra_link_args=["-fopenmp"],
             )

@@ -1,7 +1,7 @@
 """CPU benchmark: eager PyTorch reference ("torch") vs the C++ kernels ("cpp"), the AT inner-step chain and
 each op, timed round-robin (fastat.bench.timing.interleaved) so machine drift hits both alike.
 
-Inner-step chain (ANCHORS.md section 1, the official P1 code's non-network work), fp32:
+Inner-step chain (docs/design.md, the official P1 code's non-network work), fp32:
     x_t   = noisy_input(x0, eps, alpha, sigma, delta)           alpha, sigma: [B] tensors
     pred  = x_t                                                  (identity "model")
     loss  = equivariant_mse(pred, eps, delta, sigma, target="delta")   (mean over the batch)
@@ -108,9 +108,7 @@ def main(argv=None) -> int:
     shape = tuple(int(s) for s in args.shape.split(","))
 
     _ext.load("cpp")
-    # Importing the kernel modules registers the ops before timing starts.
-    for op in ("noisy_input", "pgd_step", "equivariant_mse"):
-        fastat._dispatch._load(op, "cpp")
+    fastat.preload("cpp")  # load every kernel before timing starts
     load_before = os.getloadavg()
     rows = []
     print(f"shape {shape} fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -2,19 +2,24 @@
 
 Value checks on tensors (negative or non-finite radius, ...) need a device-to-host read, so they
 are skipped while torch.compile traces or a CUDA graph is being captured; shape, dtype and device
-checks always run.
+checks always run. The ops' public functions check a coefficient tensor's values with `check_values` unless
+the kernel that runs the call checks them itself (the cpp kernels do, for free, while reading them).
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 Coef = Union[float, torch.Tensor]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOATS = frozenset(FLOAT_DTYPES)
+# False only inside fastat._triton_utils.replace_launch (the overhead benchmark's stand-in for a GPU run, which does
+# not read values: each read would be a device sync).
+_READ_CPU_VALUES = True
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
@@ -36,21 +41,30 @@ def check_tensor(name: str, x, *, min_ndim: int = 1) -> torch.Tensor:
 
 def check_like(name: str, x, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
     """`x` is a floating tensor with the same shape and device as `ref`."""
-    check_tensor(name, x)
-    if x.shape != ref.shape:
-        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
-    if x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; put them on one device")
+    return check_same(name, x, ref_name, ref.shape, ref.device)
+
+
+def check_same(name: str, x, ref_name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """`x` is a floating tensor of the reference's `shape` on its `device` (check_like with the reference's
+    attributes read once: the ops' hot path)."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
+        check_tensor(name, x)
+    if x.shape != shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(shape)}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {device}; put them on one device")
     return x
 
 
 def values_checkable(tensor: Optional[torch.Tensor] = None) -> bool:
     """Whether reading tensor values is allowed: never while tracing or capturing (it would break the
     graph), and for tensors off the CPU only with FASTAT_CHECK_VALUES=1 (each read is a device sync,
-    too costly on every op call of a training step)."""
+    too costly on every op call of a training step). A CPU tensor's read touches no device."""
     if torch.compiler.is_compiling():
         return False
-    if tensor is not None and tensor.device.type != "cpu" and os.environ.get("FASTAT_CHECK_VALUES", "0") != "1":
+    if tensor is not None and tensor.is_cpu:
+        return _READ_CPU_VALUES
+    if tensor is not None and os.environ.get("FASTAT_CHECK_VALUES", "0") != "1":
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
@@ -104,6 +118,66 @@ def per_sample(
     if nonnegative and not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
+
+
+def coefficient(
+    name: str, value, batch: int, device: torch.device, acc: torch.dtype, *, nonnegative: bool = False,
+    positive: bool = False,
+) -> Tuple[Optional[torch.Tensor], float]:
+    """A per-sample coefficient as the ops take it: (None, float) for a number (checked here), or a contiguous
+    [B] tensor in the accumulation dtype `acc` and 0.0 for a tensor (a 0-d tensor is expanded, [B, 1, ...] is
+    accepted; gradients flow through the conversion). A tensor's values are checked by `check_values`."""
+    if isinstance(value, torch.Tensor):
+        dtype = value.dtype
+        if dtype is not acc and not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {dtype}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the data is on {device}")
+        shape = value.shape
+        if len(shape) != 1 or shape[0] != batch:
+            if not shape:
+                value = value.expand(batch)
+            elif value.numel() != batch or any(s != 1 for s in shape[1:]):
+                raise ValueError(
+                    f"{name} must be a float or have one value per sample (shape [{batch}]), got shape {tuple(shape)}"
+                )
+            value = value.reshape(batch)
+        if dtype is not acc:
+            value = value.to(acc)
+        if not value.is_contiguous():
+            value = value.contiguous()
+        return value, 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a tensor of shape [B]={[batch]}, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return None, value
+
+
+def check_values(name: str, value: Optional[torch.Tensor], *, nonnegative: bool = False, positive: bool = False) -> None:
+    """A coefficient tensor's values: finite, and > 0 or >= 0 if asked (skipped where values_checkable says so)."""
+    if value is None or not values_checkable(value):
+        return
+    if value.numel() <= 256:  # a [B] coefficient: reading it whole is cheaper than reducing it on the device
+        values = value.tolist()
+        if not values:
+            return
+        finite = all(map(math.isfinite, values))
+        low = min(values)
+    else:
+        low, high = (float(v) for v in torch.aminmax(value.detach()))
+        finite = math.isfinite(low) and math.isfinite(high)
+    if not finite:
+        raise ValueError(f"{name} must be finite, got non-finite values")
+    if positive and not low > 0:
+        raise ValueError(f"{name} must be > 0, got min {low:g}")
+    if nonnegative and not low >= 0:
+        raise ValueError(f"{name} must be >= 0, got min {low:g}")
 
 
 def check_batch(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:

@@ -1,16 +1,19 @@
 """Building and loading fastat's compiled extensions; the one place that knows whether they exist.
 
 Two kinds:
-    "cpp"   the CPU operator library (torch.ops.fastat_cpu.*), sources csrc/cpu/*.cpp. Loaded from, in
+    "cpp"   the CPU kernels (torch.ops.fastat_cpp.*), sources csrc/cpu/*.cpp plus the per-element functors they
+            share with the CUDA kernels (csrc/cuda/*_ops.cuh and the ATen-free headers they include). Loaded from, in
             order: a prebuilt `fastat._C` (setup.py, if it built one), this machine's cache of an earlier
             just-in-time build, else built now with torch.utils.cpp_extension.load (needs a C++ compiler
             and ninja; ~30-60 s once, cached under $TORCH_EXTENSIONS_DIR or torch's default
             ~/.cache/torch_extensions/<py>_cpu/fastat_cpu_ops_<isa level>).
-    "cuda"  the CUDA operator library (torch.ops.fastat_cuda.*), the module `fastat._C_cuda`, built ahead
-            of time by setup.py on a machine with a CUDA torch and nvcc; never built here.
+    "cuda"  the CUDA kernels (torch.ops.fastat_cuda.*), the module `fastat._C_cuda`, built ahead of time by
+            setup.py on a machine with a CUDA torch and nvcc; never built here.
 
-Policy (see fastat._dispatch.select): an explicit `set_backend("cpp")` builds on demand; "auto" uses a
-compiled backend only once it is built (`is_built`), so no user call ever waits for a compiler.
+Both libraries only register kernels (TORCH_LIBRARY_IMPL) for operators whose schemas fastat._dispatch defines,
+once, in Python. Policy (fastat._dispatch): an explicit `set_backend("cpp")` builds on demand; "auto" uses a
+compiled backend only once it is built (`is_built`), so no user call ever waits for a compiler. Whoever caches
+decisions that depend on what is built registers with `add_listener` (fastat._backend does).
 
 Which ops "auto" runs on cpp (benchmarks/cpu_chain.py on the shared 2-core box, 1 thread, load average
 ~3, medians of 200-300 interleaved reps, eager torch / cpp, AVX2 build): at 128x3x32x32 fp32 every op is
@@ -43,11 +46,11 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._backend import BackendUnavailableError
+from ._errors import BackendUnavailableError
 
 KINDS = ("cpp", "cuda")
 CPU_LIBRARY = "fastat_cpu_ops"  # JIT build name; the cache folder and .so add the ISA tag (cpu_library())
-CPU_NAMESPACE = "fastat_cpu"  # torch.ops.fastat_cpu
+CPU_NAMESPACE = "fastat_cpp"  # torch.ops.fastat_cpp
 CUDA_MODULE = "fastat._C_cuda"
 CUDA_NAMESPACE = "fastat_cuda"  # torch.ops.fastat_cuda
 PREBUILT_CPU_MODULE = "fastat._C"
@@ -61,10 +64,23 @@ CPU_LDFLAGS = ("-fopenmp",)
 ISA_CFLAGS = {"avx2": ("-mavx2", "-mfma", "-mf16c"), "base": ()}
 BUILD_SECONDS = "~40 s"  # measured cold JIT build on a 2-core box: 25-60 s
 
+NAMESPACES = {"cpp": CPU_NAMESPACE, "cuda": CUDA_NAMESPACE}
+
 _lock = threading.RLock()
-_loaded: dict = {}  # kind -> description of what was loaded
+_loaded: dict = {}  # kind -> description of what was loaded (a loaded library stays loaded)
+_modules: dict = {}  # kind -> the loaded library as a Python module (its direct kernel entries)
 _failed: dict = {}  # kind -> one-line reason a build or load failed (not retried in this process)
-_cpu_status_cache: Optional[Tuple[bool, str]] = None
+_listeners: list = []  # called after a library was loaded or failed to load
+
+
+def add_listener(callback) -> None:
+    """Call `callback()` whenever a library gets loaded (or fails to): what auto may use has changed."""
+    _listeners.append(callback)
+
+
+def _changed() -> None:
+    for callback in _listeners:
+        callback()
 
 
 # ----------------------------------------------------------------------------------------- sources
@@ -88,14 +104,25 @@ def cpu_sources() -> List[Path]:
     return []
 
 
+def shared_include_dir(sources: List[Path]) -> Path:
+    """csrc/cuda next to csrc/cpu: the per-element functors and ATen-free headers both libraries compile."""
+    return sources[0].parent.parent / "cuda"
+
+
+def _headers(sources: List[Path]) -> List[Path]:
+    if not sources:
+        return []
+    shared = shared_include_dir(sources)
+    return sorted(sources[0].parent.glob("*.h")) + sorted(shared.glob("*.cuh")) + sorted(shared.glob("*.h"))
+
+
 def _fingerprint(sources: List[Path]) -> str:
-    """Changes whenever a source, a flag, torch or Python changes: a cache with another one is stale."""
+    """Changes whenever a source, a header, a flag, torch or Python changes: a cache with another one is stale."""
     digest = hashlib.sha256()
     for part in (cpu_library(), torch.__version__, sys.version, *cpu_cflags(), *CPU_LDFLAGS):
         digest.update(part.encode() + b"\0")
-    headers = sorted(sources[0].parent.glob("*.h")) if sources else []
-    for path in sources + headers:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sources + _headers(sources):
+        digest.update(path.parent.name.encode() + b"/" + path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -186,8 +213,17 @@ def _load_prebuilt() -> bool:
     except ImportError as exc:  # built against another torch: the JIT build takes over
         _failed["prebuilt"] = f"prebuilt {PREBUILT_CPU_MODULE} does not load ({_one_line(exc)})"
         return False
+    _modules["cpp"] = module
     _loaded["cpp"] = f"built (prebuilt {PREBUILT_CPU_MODULE} at {module.__file__})"
     return True
+
+
+def _import_library(name: str, path: Path):
+    """Import a built library file as the Python module `name` (it registers its kernels as it loads)."""
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _load_cpp() -> None:
@@ -198,11 +234,11 @@ def _load_cpp() -> None:
     cached = _cached_library()
     if cached is not None:
         try:
-            torch.ops.load_library(str(cached))
+            _modules["cpp"] = _import_library(cpu_library(), cached)
             _loaded["cpp"] = f"built (cached at {cached.parent})"
             return
-        except OSError:
-            pass  # unreadable or truncated: rebuild
+        except (OSError, ImportError):
+            pass  # unreadable, truncated or from an older fastat: rebuild
     # 3. Build now.
     sources = cpu_sources()
     if not sources:
@@ -217,13 +253,14 @@ def _load_cpp() -> None:
     folder = cpu_build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        library = cpp_extension.load(
+        module = cpp_extension.load(
             name=cpu_library(),
             sources=[str(s) for s in sources],
             extra_cflags=list(cpu_cflags()),
             extra_ldflags=list(CPU_LDFLAGS),
+            extra_include_paths=[str(shared_include_dir(sources))],
             build_directory=str(folder),
-            is_python_module=False,
+            is_python_module=True,
             verbose=os.environ.get("FASTAT_VERBOSE_BUILD", "0") not in ("", "0"),
         )
     except Exception as exc:
@@ -232,7 +269,8 @@ def _load_cpp() -> None:
             f"(rerun with FASTAT_VERBOSE_BUILD=1 for the compiler output; build folder {folder})"
         ) from exc
     (folder / "fastat_fingerprint.txt").write_text(_fingerprint(sources) + "\n")
-    _loaded["cpp"] = f"built (cached at {Path(library).parent})"
+    _modules["cpp"] = module
+    _loaded["cpp"] = f"built (cached at {Path(module.__file__).parent})"
 
 
 def _load_cuda() -> None:
@@ -244,6 +282,7 @@ def _load_cuda() -> None:
         module = importlib.import_module(CUDA_MODULE)
     except ImportError as exc:
         raise BackendUnavailableError(f"{CUDA_MODULE} does not load: {_one_line(exc)}") from exc
+    _modules["cuda"] = module
     _loaded["cuda"] = f"built ({CUDA_MODULE} at {module.__file__})"
 
 
@@ -260,14 +299,13 @@ def _check_kind(kind: str) -> str:
 
 
 def load(kind: str):
-    """Load (building the CPU library if needed) and return the op namespace: torch.ops.fastat_cpu for
+    """Load (building the CPU library if needed) and return the op namespace: torch.ops.fastat_cpp for
     "cpp", torch.ops.fastat_cuda for "cuda". Raises BackendUnavailableError with the reason; a failed
     build is not retried in the same process (the same error is raised again)."""
-    global _cpu_status_cache
     _check_kind(kind)
-    namespace = CPU_NAMESPACE if kind == "cpp" else CUDA_NAMESPACE
+    namespace = getattr(torch.ops, NAMESPACES[kind])
     if kind in _loaded:
-        return getattr(torch.ops, namespace)
+        return namespace
     with _lock:
         if kind in _failed:
             raise BackendUnavailableError(_failed[kind])
@@ -275,11 +313,18 @@ def load(kind: str):
             try:
                 _load_cpp() if kind == "cpp" else _load_cuda()
             except BackendUnavailableError as exc:
-                _failed[kind] = str(exc)  # not retried: status() answers from here, cheaply, on every call
-                _cpu_status_cache = None
+                _failed[kind] = str(exc)  # not retried: status() answers from here on every later call
+                _changed()
                 raise
-            _cpu_status_cache = None
-    return getattr(torch.ops, namespace)
+            _changed()
+    return namespace
+
+
+def module(kind: str):
+    """The loaded library as a Python module: one direct entry per kernel (csrc/cuda/python_entry.h), what
+    fastat's eager route calls. Loads it first (see `load`)."""
+    load(kind)
+    return _modules[kind]
 
 
 def is_built(kind: str) -> bool:
@@ -297,8 +342,8 @@ def is_built(kind: str) -> bool:
 def status(kind: str) -> Tuple[bool, str]:
     """(available, reason). "cpp" is available when built or buildable here (a C++ compiler and ninja);
     the reason says which: "built (cached at ...)", "not built yet: builds on first use (~40 s) ...",
-    or why not. "cuda" is available when fastat._C_cuda loads and a GPU is visible."""
-    global _cpu_status_cache
+    or why not. "cuda" is available when fastat._C_cuda loads and a GPU is visible. Reads the disk: callers
+    that ask often cache the answer (fastat._backend.backend_status does)."""
     _check_kind(kind)
     if kind in _loaded:
         return True, _loaded[kind]
@@ -310,9 +355,7 @@ def status(kind: str) -> Tuple[bool, str]:
         except BackendUnavailableError as exc:
             return False, str(exc)
         return True, _loaded["cuda"]
-    if _cpu_status_cache is None:
-        _cpu_status_cache = _cpu_status()
-    return _cpu_status_cache
+    return _cpu_status()
 
 
 def _cpu_status() -> Tuple[bool, str]:
@@ -328,51 +371,3 @@ def _cpu_status() -> Tuple[bool, str]:
     if problem is not None:
         return False, f"not built, and cannot build here: {problem}{note}"
     return True, f"not built yet: builds on first use ({BUILD_SECONDS}) into {cpu_build_dir()}{note}"
-
-
-# ----------------------------------------------------- conventions shared by the ops' Python glue
-
-def below_autograd():
-    """Context in which a fastat op call goes straight to its kernel, skipping the op's Python autograd
-    registration (what torch.library's own generated autograd does around its forward). For use inside an
-    autograd.Function's forward, or where no gradient is needed."""
-    return torch._C._AutoDispatchBelowAutograd()
-
-
-def coef_args(coef) -> Tuple[Optional[torch.Tensor], float]:
-    """A per-sample coefficient (float or [B] tensor) as the C++ ops take it: (tensor or None, float)."""
-    if isinstance(coef, torch.Tensor):
-        return coef.detach(), 0.0
-    return None, float(coef)
-
-
-def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
-    """c10's TensorImpl::compute_non_overlapping_and_dense: dims of size >= 2 sorted by stride tile memory."""
-    dims = sorted((t.stride(i), t.shape[i]) for i in range(t.ndim) if t.shape[i] >= 2)
-    required = 1
-    for stride, size in dims:
-        if stride != required:
-            return False
-        required *= size
-    return True
-
-
-def flat_compatible(*tensors: Optional[torch.Tensor]) -> bool:
-    """Mirror of csrc/cpu/common.h flat_compatible: same sizes and strides, dense, each sample one block.
-    The kernels keep such a layout (channels_last stays channels_last); others are made contiguous."""
-    present = [t for t in tensors if t is not None]
-    ref = present[0]
-    if not _non_overlapping_and_dense(ref):
-        return False
-    if ref.ndim > 1 and ref.shape[0] > 1 and ref.stride(0) != ref[0].numel():
-        return False
-    return all(t.shape == ref.shape and t.stride() == ref.stride() for t in present)
-
-
-def empty_like_kernel(*tensors: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """An empty output laid out as the C++ kernels lay theirs out (for the fake/meta implementations)."""
-    ref = tensors[0]
-    dtype = dtype or ref.dtype
-    if flat_compatible(*tensors):
-        return torch.empty_like(ref, dtype=dtype)
-    return ref.new_empty(ref.shape, dtype=dtype)

@@ -12,14 +12,16 @@ used (the shapes are memory-bound and a fixed heuristic avoids first-call tuning
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _checks
 from ._backend import triton_interpreting
 
 
@@ -47,15 +49,22 @@ def overrides(tile: Optional[int] = None, split: Optional[int] = None) -> Iterat
         _OVERRIDES.update(saved)
 
 
-def tile(batch: int, numel: int) -> Tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_D, num_warps) for a [batch, numel] elementwise or reduction pass."""
-    cap = INTERPRET_TILE if triton_interpreting() else GPU_TILE
-    if _OVERRIDES["tile"] is not None:
-        cap = _OVERRIDES["tile"]
+# The kernels are decorated when their module is imported, so the interpreter is on or off for the process.
+INTERPRETING = triton_interpreting()
+
+
+@functools.lru_cache(maxsize=4096)
+def _tile(batch: int, numel: int, cap: int) -> Tuple[int, int, int]:
     block_d = max(min(next_pow2(numel), cap), 1)
     block_b = max(min(next_pow2(batch), cap // block_d), 1)
-    warps = 1 if triton_interpreting() else max(1, min(8, block_b * block_d // 512))
+    warps = 1 if INTERPRETING else max(1, min(8, block_b * block_d // 512))
     return block_b, block_d, warps
+
+
+def tile(batch: int, numel: int) -> Tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_D, num_warps) for a [batch, numel] elementwise or reduction pass."""
+    cap = _OVERRIDES["tile"] or (INTERPRET_TILE if INTERPRETING else GPU_TILE)
+    return _tile(batch, numel, cap)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -71,7 +80,7 @@ def split(batch: int, numel: int, block_b: int, block_d: int, device: torch.devi
     """Programs per row group for a reduction: enough to fill the GPU (~4 waves), 1 when interpreting."""
     if _OVERRIDES["split"] is not None:
         return int(max(1, min(_OVERRIDES["split"], math.ceil(numel / block_d))))
-    if triton_interpreting() or device.type != "cuda":
+    if INTERPRETING or device.type != "cuda":
         return 1  # (checked after the override, so tests can split rows under the interpreter)
     row_groups = math.ceil(batch / block_b)
     col_blocks = math.ceil(numel / block_d)
@@ -85,80 +94,89 @@ def chunk(numel: int, block_d: int, nsplit: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Layouts: kernels read memory order, so any dense layout whose batch dim is outermost (contiguous,
-# channels_last, channels_last_3d, ...) works without a copy when every operand shares it.
+# Launches: every fastat kernel is registered (for an ahead-of-time compile of each variant) and launched
+# through `launch`, where the overhead benchmark replaces the launch with a no-op (`replace_launch`).
 
 
-def _dense(x: torch.Tensor) -> bool:
-    """Non-overlapping and dense: some permutation of the dims is contiguous (size-1 dims ignored)."""
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One @triton.jit kernel and the variants it is launched with.
+
+    pointers: pointer argument -> element type ("fp32", "i64"; None = the data dtype of the call);
+    constexprs: mode switch -> the values the launchers pass (BLOCK_B, BLOCK_D and num_warps come from `tile`:
+    see `tile_configs`); scalars: runtime argument -> its Triton type, for the ones that are not i32."""
+
+    fn: object
+    pointers: Dict[str, Optional[str]]
+    constexprs: Dict[str, Tuple]
+    scalars: Dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return self.fn.fn.__name__ if hasattr(self.fn, "fn") else self.fn.__name__
 
 
-def _batch_outer_dense(x: torch.Tensor) -> bool:
-    if x.ndim == 0 or not _dense(x):
-        return False
-    if x.shape[0] <= 1:
-        return True
-    return x.stride(0) == math.prod(x.shape[1:])
+KERNELS: Dict[str, KernelSpec] = {}
 
 
-def is_channels_last(x: torch.Tensor) -> bool:
-    """Memory order (batch, spatial..., channel): what torch calls channels_last / channels_last_3d."""
-    if x.ndim == 4:
-        return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    if x.ndim == 5:
-        return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-    return False
+def register_kernel(fn, *, pointers: Dict[str, Optional[str]], constexprs: Dict[str, Tuple], scalars: Optional[Dict[str, str]] = None):
+    """Record a kernel and its launch variants (the list an audit or an ahead-of-time compile walks)."""
+    spec = KernelSpec(fn, dict(pointers), dict(constexprs), dict(scalars or {}))
+    KERNELS[spec.name] = spec
+    return fn
 
 
-def common_strides(tensors: Sequence[Optional[torch.Tensor]], *, logical_order: bool = False) -> Optional[Tuple[int, ...]]:
-    """The strides every operand can be read with in memory order, or None if they must be copied.
-
-    With `logical_order` (in-kernel noise, indexed by the row-major position) only contiguous and
-    channels_last layouts qualify: the kernels can map those memory positions back to logical ones.
-    """
-    present = [t for t in tensors if t is not None]
-    first = present[0]
-    if not _batch_outer_dense(first):
-        return None
-    if logical_order and not (first.is_contiguous() or is_channels_last(first)):
-        return None
-    strides = first.stride()
-    for t in present[1:]:
-        if t.stride() != strides and not (t.is_contiguous() and first.is_contiguous()):
-            return None
-    return strides
+def tile_configs(interpreting: bool = False) -> List[Tuple[int, int, int]]:
+    """Every (BLOCK_B, BLOCK_D, num_warps) `tile` can return on a GPU (or under the interpreter)."""
+    cap = INTERPRET_TILE if interpreting else GPU_TILE
+    out = []
+    block_d = 1
+    while block_d <= cap:
+        block_b = 1
+        while block_b * block_d <= cap:
+            warps = 1 if interpreting else max(1, min(8, block_b * block_d // 512))
+            out.append((block_b, block_d, warps))
+            block_b *= 2
+        block_d *= 2
+    return out
 
 
-def work_layout(tensors: Sequence[Optional[torch.Tensor]], *, logical_order: bool = False):
-    """(tensors in one common memory layout, empty_like-able template, channels_last flag).
-
-    Operands already sharing a batch-outer dense layout are used as they are; otherwise every one is
-    made contiguous (one copy each). The result of a kernel has the template's strides.
-    """
-    present = [t for t in tensors if t is not None]
-    if common_strides(present, logical_order=logical_order) is None:
-        tensors = [t.contiguous() if t is not None else None for t in tensors]
-        present = [t for t in tensors if t is not None]
-    template = present[0]
-    return list(tensors), template, is_channels_last(template)
+_launch_hook: Optional[Callable] = None
 
 
-def empty_like_layout(template: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An output with exactly the template's shape and strides."""
-    return torch.empty_strided(template.shape, template.stride(), dtype=dtype, device=template.device)
+def launch(kernel, grid, args: Sequence, meta: Dict) -> None:
+    """kernel[grid](*args, **meta), or the benchmark hook's stand-in when one is installed."""
+    if _launch_hook is not None:
+        _launch_hook(kernel, grid, args, meta)
+        return
+    kernel[grid](*args, **meta)
 
 
-def output_like(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An output in like's layout when that is batch-outer dense, else contiguous (nothing is copied)."""
-    if _batch_outer_dense(like):
-        return empty_like_layout(like, dtype)
-    return torch.empty(like.shape, dtype=dtype, device=like.device)
+@contextlib.contextmanager
+def replace_launch(hook: Callable) -> Iterator[None]:
+    """Benchmark hook: every Triton launch calls `hook(kernel, grid, args, meta)` instead of running.
+
+    fastat.bench.overhead uses it to time the host side of the triton backend (its Python glue) on a machine
+    without a GPU, and to count launches; outputs are left uninitialised. As on a GPU, the values of coefficient
+    tensors are not read meanwhile (on a GPU each read would be a device sync). Not for anything that reads results."""
+    global _launch_hook
+    saved, read = _launch_hook, _checks._READ_CPU_VALUES
+    _launch_hook, _checks._READ_CPU_VALUES = hook, False
+    try:
+        yield
+    finally:
+        _launch_hook, _checks._READ_CPU_VALUES = saved, read
+
+
+def channels(template: torch.Tensor, channels_last: bool) -> Tuple[int, int, bool]:
+    """(C, S, channels_last) to draw logical-order noise in the template's memory order."""
+    if channels_last:
+        return template.shape[1], math.prod(template.shape[2:]), True
+    return 1, 1, False
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # (triton.cdiv is a ConstexprFunction: ~40k instructions per call from Python)
 
 
 def launch_grid(batch: int, numel: int):
@@ -166,24 +184,28 @@ def launch_grid(batch: int, numel: int):
 
     One grid axis only: CUDA limits axes 1 and 2 to 65535 programs, so (row group, column block)
     is decoded from the program id."""
-    block_b, block_d, warps = tile(batch, numel)
-    n_col = triton.cdiv(numel, block_d)
-    return (triton.cdiv(batch, block_b) * n_col,), block_b, block_d, warps, n_col
+    return _launch_grid(batch, numel, _OVERRIDES["tile"] or (INTERPRET_TILE if INTERPRETING else GPU_TILE))
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_grid(batch: int, numel: int, cap: int):
+    block_b, block_d, warps = _tile(batch, numel, cap)
+    n_col = _cdiv(numel, block_d)
+    return (_cdiv(batch, block_b) * n_col,), block_b, block_d, warps, n_col
 
 
 def reduction_grid(batch: int, numel: int, device: torch.device):
     """(grid, BLOCK_B, BLOCK_D, warps, nsplit, chunk) for a per-sample reduction: each of the nsplit
     programs of a row group loops over `chunk` columns and writes one partial per row."""
-    block_b, block_d, warps = tile(batch, numel)
-    nsplit = split(batch, numel, block_b, block_d, device)
-    return (triton.cdiv(batch, block_b) * nsplit,), block_b, block_d, warps, nsplit, chunk(numel, block_d, nsplit)
+    cap = _OVERRIDES["tile"] or (INTERPRET_TILE if INTERPRETING else GPU_TILE)
+    return _reduction_grid(batch, numel, cap, _OVERRIDES["split"], device.type, device.index)
 
 
-def noise_layout_args(template: torch.Tensor):
-    """(C, S, channels_last) to regenerate logical-order noise in the template's memory order."""
-    if is_channels_last(template):
-        return template.shape[1], math.prod(template.shape[2:]), True
-    return 1, 1, False
+@functools.lru_cache(maxsize=4096)
+def _reduction_grid(batch: int, numel: int, cap: int, forced_split, device_type: str, device_index):
+    block_b, block_d, warps = _tile(batch, numel, cap)
+    nsplit = split(batch, numel, block_b, block_d, torch.device(device_type, device_index))
+    return (_cdiv(batch, block_b) * nsplit,), block_b, block_d, warps, nsplit, chunk(numel, block_d, nsplit)
 
 
 def batch_numel(x: torch.Tensor) -> Tuple[int, int]:

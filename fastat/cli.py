@@ -16,7 +16,7 @@ def _info(_args: argparse.Namespace) -> int:
 
     import fastat
     from fastat._backend import BACKENDS, _triton_version, backend_status, get_backend
-    from fastat._dispatch import registered_backends, registered_ops
+    from fastat._dispatch import PUBLIC, registered_backends, registered_ops
 
     print(f"fastat   {fastat.__version__}")
     print(f"python   {platform.python_version()} ({sys.executable})")
@@ -33,9 +33,10 @@ def _info(_args: argparse.Namespace) -> int:
     for name in BACKENDS:
         ok, why = backend_status(name)
         print(f"  {name:<7} {'yes' if ok else 'no ':<4} {why}")
-    print("kernels per op:")
+    print("kernels per op: (fastat::<op>, its backends, the public functions that run it)")
     for op in registered_ops():
-        print(f"  {op:<26} {', '.join(registered_backends(op))}")
+        users = ", ".join(sorted(name for name, o in PUBLIC.items() if o.name == op))
+        print(f"  {op:<26} {', '.join(registered_backends(op)):<26} {users}".rstrip())
     return 0
 
 
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if visible, else cpu)")
     bench.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions, no torch.compile")
     bench.add_argument("--out", default="fastat_bench_out", help="output folder (default ./fastat_bench_out)")
-    bench.add_argument("--suites", default="ops,steps", help="comma list of ops,steps (default both)")
+    bench.add_argument("--suites", default="ops,steps", help="comma list of ops,steps,overhead (default ops,steps)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     bench.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's); use 1 on a CPU shared with other jobs")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # Must be set before any @triton.jit decoration runs (FEASIBILITY 2c).
+    # Must be set before any @triton.jit decoration runs (docs/design.md, testing without a GPU).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("FASTAT_BACKEND", None)
 

@@ -1,7 +1,8 @@
-"""The CPU C++ kernels (backend "cpp", torch.ops.fastat_cpu.*) against the float64 reference and the SPEC
-formulas: values and gradients over ranks, layouts (contiguous, channels_last, strided) and dtypes
+"""The CPU C++ kernels (backend "cpp", torch.ops.fastat_cpp.*) against the float64 reference and the formulas
+of docs/maths.md: values and gradients over ranks, layouts (contiguous, channels_last, strided) and dtypes
 (fp32/fp16/bf16/fp64), the multi-chunk path (D > 16384 elements per sample), edge cases (B=0, B=1, D=1,
-radius 0, non-finite gradients), layout preservation, determinism, and torch.library.opcheck.
+radius 0, non-finite gradients), layout preservation, determinism, the random starts and seeded noise (the same
+draws as the reference's Philox, whatever the layout), and torch.library.opcheck of the ops on this backend.
 
 The extension is built just in time on first use (~40 s once, cached); these tests skip only when this
 machine has no C++ compiler or ninja (a failing build fails them).
@@ -26,8 +27,6 @@ from utils import (
 
 import fastat
 from fastat import _ext
-from fastat.ops.losses import reference as loss_ref
-from fastat.ops.noisy_input import reference as noisy_ref
 from fastat.ops.perturbation import reference as pgd_ref
 
 _problem = _ext._toolchain_problem() if not _ext.is_built("cpp") else None
@@ -35,9 +34,38 @@ if _problem is not None:
     pytest.skip(f"cannot build the C++ extension here: {_problem}", allow_module_level=True)
 
 ops = _ext.load("cpp")
-from fastat.ops.losses import cpp_kernels as loss_cpp  # noqa: E402  (needs the extension loaded)
-from fastat.ops.noisy_input import cpp_kernels as noisy_cpp  # noqa: E402
-from fastat.ops.perturbation import cpp_kernels as pgd_cpp  # noqa: E402
+
+
+def on(backend, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with `backend` chosen explicitly (the public API: validation, dispatch, autograd)."""
+    with fastat.use_backend(backend):
+        return fn(*args, **kwargs)
+
+
+class Backend:
+    """The public ops on one backend, with the user-facing signatures (losses per sample: reduction "none")."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def noisy_input(self, *args):
+        return on(self.name, fastat.noisy_input, *args)
+
+    def pgd_step(self, delta, grad, step, radius, norm="l2", normalize=True, base=None):
+        return on(self.name, fastat.pgd_step, delta, grad, step, radius, norm, normalize, model_input_base=base)
+
+    def equivariant_mse(self, pred, noise, delta, sigma, target):
+        return on(self.name, fastat.equivariant_mse, pred, noise, delta, sigma, target, reduction="none")
+
+    def equivariance_regularizer(self, pp, pc, omega, detach_anchor, mode):
+        return on(self.name, fastat.equivariance_regularizer, pp, pc, omega, None, detach_anchor, mode, "none")
+
+    def consistency_distance(self, pred, target, metric, c):
+        return on(self.name, fastat.consistency_distance, pred, target, metric, c, reduction="none")
+
+
+noisy_cpp = pgd_cpp = loss_cpp = Backend("cpp")
+noisy_ref = loss_ref = Backend("torch")
 
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SHAPES = [(7, 2), (4, 3, 5, 6), (2, 4, 3, 5, 6), (1, 1), (3, 17)]
@@ -130,9 +158,10 @@ def test_noisy_input_mixed_dtypes_and_seeded_noise():
 def test_noisy_input_refuses_coefficient_gradients():
     x = torch.randn(2, 3)
     alpha = torch.rand(2, requires_grad=True)
-    assert "alpha" in noisy_cpp.noisy_input.unsupported(x, x, alpha, 0.5)
-    with fastat.use_backend("cpp"), pytest.raises(fastat.BackendUnavailableError, match="alpha requires grad"):
+    with fastat.use_backend("cpp"), pytest.raises(fastat.BackendUnavailableError, match="gradients into tensor-valued alpha"):
         fastat.noisy_input(x, x, alpha, 0.5)
+    with torch.no_grad(), fastat.use_backend("cpp"):
+        fastat.noisy_input(x, x, alpha, 0.5)  # no gradient needed: runs
 
 
 # --------------------------------------------------------------------------------------------- pgd_step
@@ -176,7 +205,7 @@ def test_pgd_step_non_finite_sample_is_left_unchanged(norm, shape):
     grad[0].view(-1)[-1] = float("nan")
     grad[1].view(-1)[0] = float("inf")
     out = pgd_cpp.pgd_step(delta, grad, 0.1, radius if norm == "l2" else 0.05, norm)
-    ref = pgd_ref.pgd_step(delta, grad, 0.1, radius if norm == "l2" else 0.05, norm)
+    ref = noisy_ref.pgd_step(delta, grad, 0.1, radius if norm == "l2" else 0.05, norm)
     assert torch.equal(out[:2], delta[:2])
     assert bool(torch.isfinite(out).all())
     close(out, ref, torch.float32)
@@ -198,23 +227,24 @@ def test_pgd_step_model_input_base(norm, dtype):
     delta, grad, radius = _pgd_inputs((3, 2, 4, 4), dtype, "channels_last", g)
     base = data((3, 2, 4, 4), dtype, "channels_last", g)
     new, x = pgd_cpp.pgd_step(delta, grad, 0.1, radius, norm, True, base)
-    ref_new, ref_x = pgd_ref.pgd_step(delta, grad, 0.1, radius, norm, True, base)
+    ref_new, ref_x = noisy_ref.pgd_step(delta, grad, 0.1, radius, norm, True, base)
     close(new, ref_new, dtype, scale=0.1)
     close(x, ref_x, dtype)
     acc = want_dtype(dtype)
     assert x.dtype == ref_x.dtype and torch.equal(x, (base.to(acc) + new.to(acc)).to(dtype))
     # Mixed dtypes take the unfused path with the reference's rounding.
     new, x = pgd_cpp.pgd_step(delta, grad.double(), 0.1, radius, norm, True, base.float())
-    ref_new, ref_x = pgd_ref.pgd_step(delta, grad.double(), 0.1, radius, norm, True, base.float())
+    ref_new, ref_x = noisy_ref.pgd_step(delta, grad.double(), 0.1, radius, norm, True, base.float())
     assert new.dtype == ref_new.dtype and x.dtype == ref_x.dtype
     close(x, ref_x, dtype)
 
 
 def test_pgd_step_refuses_autograd():
     delta = torch.randn(2, 3, requires_grad=True)
-    assert "not differentiable" in pgd_cpp.pgd_step.unsupported(delta, delta.detach(), 0.1, 1.0)
+    with pytest.raises(fastat.BackendUnavailableError, match="not differentiable"):
+        pgd_cpp.pgd_step(delta, delta.detach(), 0.1, 1.0)
     with torch.no_grad():
-        assert pgd_cpp.pgd_step.unsupported(delta, delta, 0.1, 1.0) is None
+        pgd_cpp.pgd_step(delta, delta, 0.1, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -327,7 +357,7 @@ def test_edge_shapes_all_ops(shape):
     close(out, noisy_ref.noisy_input(a, b, 0.5, 0.5, c), torch.float32)
     for norm in ("l2", "linf"):
         with torch.no_grad():
-            close(pgd_cpp.pgd_step(a, b, 0.1, 0.3, norm), pgd_ref.pgd_step(a, b, 0.1, 0.3, norm), torch.float32)
+            close(pgd_cpp.pgd_step(a, b, 0.1, 0.3, norm), noisy_ref.pgd_step(a, b, 0.1, 0.3, norm), torch.float32)
     for metric in ("l2", "l1", "pseudo_huber"):
         got = loss_cpp.consistency_distance(a, b, metric, 0.01)
         want = loss_ref.consistency_distance(a, b, metric, 0.01)
@@ -363,6 +393,69 @@ def test_deterministic_across_runs_and_thread_counts():
         assert torch.equal(loss, results[0][0]) and torch.equal(step, results[0][1])
 
 
+# ------------------------------------------------------------------------------- random starts, seeded noise
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
+@pytest.mark.parametrize("norm,init", [("l2", "uniform"), ("l2", "normal"), ("linf", "uniform"), ("linf", "normal")])
+def test_random_perturbation_is_the_reference_philox_draw(norm, init, dtype, kind):
+    """cpp draws exactly the values of the pure-torch Philox reference (the stream every kernel backend shares)."""
+    like = data((3, 4, 5, 6), torch.float32, kind, gen("random", norm, init, dtype, kind))
+    radius = torch.tensor([0.5, 1.0, 2.0])
+    seed = torch.tensor([987654321])
+    args = (like, seed, radius.to(want_dtype(dtype)), 0.0, norm == "l2", init == "normal", dtype)
+    got = ops.random_perturbation.default(*args)
+    want = pgd_ref.random_perturbation(*args)
+    assert got.dtype == want.dtype == dtype and got.stride() == want.stride()
+    close(got, want, torch.float32 if dtype == torch.float64 else dtype)  # the draws are fp32 (log/cos to an ulp)
+    # through the public function, with a generator that supplies the seed
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    first = on("cpp", fastat.random_perturbation, like, radius, norm, init, generator=g1, dtype=dtype)
+    assert torch.equal(first, on("cpp", fastat.random_perturbation, like, radius, norm, init, generator=g2, dtype=dtype))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 3, 2, 4, 5)], ids=str)
+def test_random_starts_and_seeded_noise_do_not_depend_on_the_layout(shape):
+    """Draws are made in logical order: channels_last and contiguous give the same values (issue 11, item 8)."""
+    x = torch.randn(shape)
+    cl = layout(x, "channels_last")
+    for backend in ("cpp", "torch"):
+        a = on(backend, fastat.random_perturbation, x, 1.0, "l2", generator=torch.Generator().manual_seed(3))
+        b = on(backend, fastat.random_perturbation, cl, 1.0, "l2", generator=torch.Generator().manual_seed(3))
+        assert b.stride() == cl.stride(), backend
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # the same draws; ||n|| summed in memory order
+        n1 = on(backend, fastat.noisy_input, x, fastat.SeededNoise(7, 3), 0.5, 0.5)
+        n2 = on(backend, fastat.noisy_input, cl, fastat.SeededNoise(7, 3), 0.5, 0.5)
+        torch.testing.assert_close(n1, n2, rtol=0, atol=1e-6)
+
+
+def test_gaussian_noise_matches_the_reference():
+    like = layout(torch.randn(3, 4, 5, 6), "channels_last")
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        got = on("cpp", fastat.gaussian_noise, like, 11, 100, dtype)
+        want = on("torch", fastat.gaussian_noise, like, 11, 100, dtype)
+        assert got.stride() == want.stride() == like.stride()
+        close(got, want, torch.float32 if dtype == torch.float64 else dtype)
+
+
+def test_coefficient_values_are_checked_by_the_kernel():
+    """cpp checks coefficient tensors while reading them (the Python layer skips its own read for it)."""
+    x = torch.randn(2, 3, 4)
+    with fastat.use_backend("cpp"):
+        with pytest.raises(ValueError, match="alpha must be finite"):
+            fastat.noisy_input(x, x, torch.tensor([0.5, float("nan")]), 0.5)
+        with pytest.raises(ValueError, match="radius must be >= 0, got min -1"):
+            fastat.pgd_step(x, x, 0.1, torch.tensor([1.0, -1.0]))
+        with pytest.raises(ValueError, match="step_size must be >= 0"):
+            fastat.pgd_step(x, x, torch.tensor([1.0, -1.0]), 1.0, "linf")
+        with pytest.raises(ValueError, match="sigma must be > 0, got min 0"):
+            fastat.equivariant_mse(x, x, x, torch.tensor([0.5, 0.0]))
+        with pytest.raises(ValueError, match="weight must be finite"):
+            fastat.consistency_distance(x, x, weight=torch.tensor([1.0, float("inf")]))
+        with pytest.raises(ValueError, match="radius must be >= 0"):
+            fastat.random_perturbation(x, torch.tensor([1.0, -2.0]), "linf")
+
+
 # ------------------------------------------------------------------------------------------- opcheck
 
 def _opcheck_cases():
@@ -370,21 +463,54 @@ def _opcheck_cases():
     x, n, d = (torch.randn(3, 2, 4, 5, generator=g) for _ in range(3))
     cl = x.contiguous(memory_format=torch.channels_last)
     k = torch.rand(3, generator=g) + 0.5
-    residual = torch.randn(3, 2, 4, 5, generator=g)
+    f = torch.ops.fastat
     return [
-        (ops.noisy_input.default, (x, n, d, k, 0.0, None, 0.3)),
-        (ops.noisy_input.default, (cl, cl, None, None, 0.9, k, 0.0)),
-        (ops.scale_by_sample.default, (x, k, 0.0)),
-        (ops.pgd_step.default, (d, x, None, 0.1, k, 0.0, True, True, None)),
-        (ops.pgd_step.default, (cl, cl, k, 0.0, None, 0.05, False, True, cl)),
-        (ops.residual_loss.default, (x.requires_grad_(), n, d.requires_grad_(), k, 0.0, 0, 0.0, True)),
-        (ops.residual_loss.default, (cl, cl, None, None, 1.0, 1, 0.0, False)),
-        (ops.residual_loss.default, (x, n, None, None, 0.0, 2, 0.05, True)),
-        (ops.residual_loss_backward.default, (residual, k, k, None, 1.0, 2, 0.1, True, False, True, torch.float16)),
+        (f.noisy_input.default, (x.clone().requires_grad_(), n, d.clone().requires_grad_(), k, None, 0.0, 0.3, 0, 0, torch.float32)),
+        (f.noisy_input.default, (cl, None, None, None, k, 0.9, 0.0, 5, 6, torch.float32)),
+        (f.noisy_input_backward.default, (x, k, None, 0.0, 0.3, torch.float32, torch.float16)),
+        (f.pgd_step.default, (d, x, None, None, k, 0.1, 0.0, True, True)),
+        (f.pgd_step.default, (cl, cl.clone(), cl.clone(), k, None, 0.0, 0.05, False, True)),
+        (f.random_perturbation.default, (x, torch.tensor([7]), k, 0.0, True, False, torch.float32)),
+        (f.residual_loss.default, (x.clone().requires_grad_(), n, d.clone().requires_grad_(), k, None, 0.0, 1.0, 0, 0.0, 2, 0, 0, True)),
+        (f.residual_loss.default, (cl.clone().requires_grad_(), None, None, None, k, 1.0, 1.0, 2, 0.05, 0, 3, 4, True)),
+        (f.residual_loss_backward.default, (torch.rand(3), n, torch.rand(3), k, None, 0.0, 1.0, 2, 0.1, 0, torch.float32, None, torch.float16)),
+        (f.gaussian_noise.default, (cl, 3, 4, torch.float16)),
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
-    torch.library.opcheck(op, args)
+    with fastat.use_backend("cpp"):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("method,random_start", [("pgd", False), ("pgd", True), ("fgsm_rs", True),
+                                                 ("equivariant_random", True), ("equivariant_adversarial", True)])
+def test_training_loops_run_on_an_explicit_cpp_backend(method, random_start):
+    """Issue 11 item 4: every method that draws a random start ran into "cpp has no random_perturbation kernel";
+    cpp now has the kernel, so the explicit choice runs (and the step uses the cpp kernels throughout)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 48), torch.nn.Unflatten(1, (3, 4, 4)))
+    x0 = torch.randn(4, 3, 4, 4)
+    table = fastat.schedules.ddpm_linear_alphas_cumprod(1000)
+    kw = {"random_start": random_start} if method == "pgd" else {}
+    with fastat.use_backend("cpp"):
+        loss = fastat.diffusion_adv_loss(lambda x, t: model(x), x0, alphas_cumprod=table, method=method,
+                                         generator=torch.Generator().manual_seed(1), **kw)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+
+
+def test_direct_entries_are_recorded_by_the_profiler():
+    """The eager route calls the kernels' direct entries (no dispatcher): each call still shows in torch.profiler
+    as fastat_cpp::<op>."""
+    x = torch.randn(4, 2, 4, 4)
+    pred = x.clone().requires_grad_()
+    with fastat.use_backend("cpp"), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fastat.noisy_input(x, x, 0.5, 0.5, x)
+        fastat.pgd_step(x, x, 0.1, 1.0)
+        fastat.equivariant_mse(pred, x, x, 0.5).backward()
+    names = {e.key for e in prof.key_averages() if e.key.startswith("fastat_cpp::")}
+    assert {"fastat_cpp::noisy_input", "fastat_cpp::pgd_step", "fastat_cpp::residual_loss",
+            "fastat_cpp::residual_loss_backward"} <= names, names

@@ -11,15 +11,21 @@ Rules (per output and per gradient, norm-wise over the whole tensor):
         err(backend)  <=  2 * err(plain torch computation in the low dtype) + floor,
         floor = (0.5 for fp16/bf16 results, 4 for fp32 results) * eps(output dtype) * max|oracle|
   * a kernel backend matches the torch reference within utils.TOLERANCES of the output dtype.
-A kernel may decline a call through its declared `refuses_when` hook (BackendUnavailableError); the
-example is then discarded (forward) or its gradients are skipped. A backend that declines nearly every
-example makes hypothesis fail with Unsatisfiable, so a refusal cannot hide a missing kernel.
-random_perturbation cannot match values across random number generators: its invariants are checked.
+A kernel may decline a call its support data excludes (BackendUnavailableError); the example is then discarded
+(forward) or its gradients are skipped, and both are counted: a test whose every example was declined, or whose
+every gradient check was, fails (`counted`), so a refusal cannot hide a missing kernel.
+random_perturbation: the kernels draw from a seed the generator supplies, the reference from the generator
+itself, so values cannot match across them; its invariants are checked.
+
+Hypothesis runs derandomised by default (the same examples on every run, so CI is reproducible). A deep,
+randomised run: FASTAT_CROSS_EXAMPLES=500 pytest tests/test_cross_backend.py.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -45,11 +51,31 @@ from fastat._backend import BackendUnavailableError
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LOW = (torch.float32, torch.float16, torch.bfloat16)
-# FASTAT_CROSS_EXAMPLES=500 for a deep run (the default keeps the suite fast)
+# Default: 15 derandomised examples per test (reproducible CI). FASTAT_CROSS_EXAMPLES=N: a randomised deep run.
+DEEP = os.environ.get("FASTAT_CROSS_EXAMPLES")
 SETTINGS = settings(
-    max_examples=int(os.environ.get("FASTAT_CROSS_EXAMPLES", "15")), deadline=None, derandomize=False, database=None,
+    max_examples=int(DEEP or "15"), deadline=None, derandomize=DEEP is None, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+
+# What `compare` saw in the running test: examples tried and declined, gradient checks tried and declined.
+_counts: Counter = Counter()
+
+
+def counted(test):
+    """Run a hypothesis test and fail it when its backend declined every example, or every gradient check."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        _counts.clear()
+        test(*args, **kwargs)
+        counts = dict(_counts)
+        if counts.get("forward", 0) and counts.get("forward_refused", 0) == counts["forward"]:
+            raise AssertionError(f"every example ({counts['forward']}) was declined: {_counts.get('reason', '')}")
+        if counts.get("grad", 0) and counts.get("grad_refused", 0) == counts["grad"]:
+            raise AssertionError(f"every gradient check ({counts['grad']}) was declined: {_counts.get('reason', '')}")
+
+    return wrapper
 
 
 def params(op):
@@ -63,7 +89,7 @@ def params(op):
 
 
 def dtypes_for(backend, device):
-    # The Triton interpreter gets bf16 arithmetic wrong (FEASIBILITY 2f): bf16 Triton runs on GPUs only.
+    # The Triton interpreter gets bf16 arithmetic wrong (docs/design.md, testing without a GPU): bf16 Triton runs on GPUs only.
     if backend == "triton" and device == "cpu":
         return (torch.float32, torch.float16)
     return LOW
@@ -160,10 +186,13 @@ def compare(backend, name, fn, hand, inputs, grads, gen):
     """Forward and gradients of `fn` (a public fastat op) on `backend` against the oracle and the reference."""
     # forward, no autograd involved
     plain = low_copy(inputs, grads, requires=False)
+    _counts["forward"] += 1
     try:
         out = run_backend(backend, fn, plain)
     except BackendUnavailableError as exc:
         note(f"declined: {exc}")
+        _counts["forward_refused"] += 1
+        _counts["reason"] = str(exc)
         assume(False)
     oracle64 = hand(**cast(inputs, torch.float64, ()))
     dtype = next(v.dtype for v in inputs.values() if isinstance(v, torch.Tensor))
@@ -180,10 +209,13 @@ def compare(backend, name, fn, hand, inputs, grads, gen):
     # the cotangent is representable in the low dtype, so every run sees the same one (like the inputs)
     cot64 = torch.randn(oracle64.shape, generator=gen, dtype=torch.float64).to(dtype).double().to(oracle64.device)
     leaves = low_copy(inputs, grads, requires=True)
+    _counts["grad"] += 1
     try:
         got = run_backend(backend, fn, leaves)
     except BackendUnavailableError as exc:
         note(f"gradients declined: {exc}")
+        _counts["grad_refused"] += 1
+        _counts["reason"] = str(exc)
         return
     assert got.requires_grad, f"{name}: backend {backend} dropped the autograd graph"
     names = [k for k in grads if isinstance(leaves.get(k), torch.Tensor)]
@@ -210,6 +242,7 @@ def compare(backend, name, fn, hand, inputs, grads, gen):
 
 
 @pytest.mark.parametrize("backend,device", params("noisy_input"))
+@counted
 @SETTINGS
 @given(data=st.data())
 def test_noisy_input(backend, device, data):
@@ -227,6 +260,7 @@ def test_noisy_input(backend, device, data):
 
 
 @pytest.mark.parametrize("backend,device", params("pgd_step"))
+@counted
 @SETTINGS
 @given(data=st.data())
 def test_pgd_step(backend, device, data):
@@ -248,11 +282,14 @@ def test_pgd_step(backend, device, data):
     def hand(delta, grad, step_size, radius):
         return hand_pgd_step(delta, grad, step_size, radius, norm, normalize)
 
-    grads = ["delta", "grad"] if data.draw(st.booleans(), label="grads") else []
+    # gradients through the step: only where the support data says the backend has them (the reference)
+    differentiable = "differentiable" in _dispatch.OPS["pgd_step"].support[backend].features
+    grads = ["delta", "grad"] if differentiable and data.draw(st.booleans(), label="grads") else []
     compare(backend, f"pgd_step[{norm}, normalize={normalize}]", fn, hand, inputs, grads, gen)
 
 
 @pytest.mark.parametrize("backend,device", params("equivariant_mse"))
+@counted
 @SETTINGS
 @given(data=st.data())
 def test_equivariant_mse(backend, device, data):
@@ -280,6 +317,7 @@ def test_equivariant_mse(backend, device, data):
 
 
 @pytest.mark.parametrize("backend,device", params("equivariance_regularizer"))
+@counted
 @SETTINGS
 @given(data=st.data())
 def test_equivariance_regularizer(backend, device, data):
@@ -306,6 +344,7 @@ def test_equivariance_regularizer(backend, device, data):
 
 
 @pytest.mark.parametrize("backend,device", params("consistency_distance"))
+@counted
 @SETTINGS
 @given(data=st.data())
 def test_consistency_distance(backend, device, data):
@@ -330,6 +369,7 @@ def test_consistency_distance(backend, device, data):
 
 
 @pytest.mark.parametrize("backend,device", params("random_perturbation"))
+@counted
 @SETTINGS
 @given(data=st.data())
 def test_random_perturbation(backend, device, data):
@@ -341,12 +381,15 @@ def test_random_perturbation(backend, device, data):
     like = tensor(shape, dtype, kind, gen, device)
     radius = coefficient(coef, B, 0.1, 2.0, gen, device)
     generator = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+    _counts["forward"] += 1
     try:
         with fastat.use_backend(backend):
             out = fastat.random_perturbation(like, radius, norm, init, generator=generator, dtype=out_dtype)
             zero = fastat.random_perturbation(like, 0.0, norm, init, generator=generator, dtype=out_dtype)
     except BackendUnavailableError as exc:
         note(f"declined: {exc}")
+        _counts["forward_refused"] += 1
+        _counts["reason"] = str(exc)
         assume(False)
     assert out.shape == like.shape and out.device == like.device and out.dtype == (out_dtype or dtype)
     assert torch.isfinite(out).all() and (zero == 0).all()
@@ -365,3 +408,34 @@ def test_random_perturbation(backend, device, data):
     else:
         assert (flat.abs() <= r * (1 + eps)).all(), "outside the box"
         assert (flat.abs().amax(dim=1) > 0).all()
+
+
+# ------------------------------------------------------------------------------- the harness itself
+
+
+def test_a_backend_that_declines_every_gradient_check_fails(monkeypatch):
+    """Before the counts, a gradient refusal returned silently: a backend refusing all of them passed."""
+    real = run_backend
+
+    def refuse_gradients(backend, fn, inputs):
+        if any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs.values()):
+            raise BackendUnavailableError("test: gradients refused")
+        return real(backend, fn, inputs)
+
+    monkeypatch.setitem(globals(), "run_backend", refuse_gradients)
+    with pytest.raises(AssertionError, match=r"every gradient check \(\d+\) was declined: test: gradients refused"):
+        test_consistency_distance("torch", "cpu")
+
+
+def test_a_backend_that_declines_every_example_fails(monkeypatch):
+    def refuse(backend, fn, inputs):
+        raise BackendUnavailableError("test: refused")
+
+    monkeypatch.setitem(globals(), "run_backend", refuse)
+    with pytest.raises(Exception) as info:  # hypothesis' Unsatisfiable, or the count
+        test_noisy_input("torch", "cpu")
+    assert "declined" in str(info.value) or type(info.value).__name__ == "Unsatisfiable"
+
+
+def test_settings_are_reproducible_unless_deep():
+    assert SETTINGS.derandomize == (DEEP is None)

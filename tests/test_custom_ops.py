@@ -1,7 +1,7 @@
-"""torch.library registration of the Triton kernels: opcheck (schema, fake tensors, autograd, AOT dispatch)
-under the interpreter; torch.compile(fullgraph=True) and CUDA-graph capture of an AT inner step on GPU;
-and an ahead-of-time compile of every kernel variant to an sm_90 cubin, which needs no GPU (triton ships
-ptxas), so code the interpreter accepts but the GPU compiler would reject is caught on CPU too.
+"""The fastat:: operators on the Triton backend: opcheck (schema, fake tensors, autograd, AOT dispatch) under the
+interpreter; torch.compile(fullgraph=True) and CUDA-graph capture of an AT inner step on GPU; and an ahead-of-time
+compile of every registered Triton kernel (fastat._triton_utils.KERNELS) to an sm_90 cubin, which needs no GPU
+(triton ships ptxas), so code the interpreter accepts but the GPU compiler would reject is caught on CPU too.
 
 Run the compile check alone: `python tests/test_custom_ops.py [fp32,bf16,fp16]`.
 """
@@ -17,12 +17,9 @@ import fastat
 from fastat import SeededNoise
 
 pytest.importorskip("triton")
-from fastat.ops.losses.triton_kernels import residual_loss_backward_op, residual_loss_op  # noqa: E402
-from fastat.ops.noise.triton_kernels import gaussian_noise_op  # noqa: E402
-from fastat.ops.noisy_input.triton_kernels import noisy_input_backward_op, noisy_input_op  # noqa: E402
-from fastat.ops.perturbation.triton_kernels import pgd_step_op, random_perturbation_op  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+OPS = torch.ops.fastat
 
 
 def _r(*shape, cl=False, grad=False):
@@ -36,27 +33,28 @@ def _samples():
     b = 3
     alpha, sigma = torch.rand(b, device=DEV), torch.rand(b, device=DEV) + 0.2
     seed = torch.tensor([12345], device=DEV)
-    yield "gaussian_noise", gaussian_noise_op, (_r(b, 4, 5), 3, 5, torch.float32)
-    yield "gaussian_noise_cl", gaussian_noise_op, (_r(b, 2, 3, 4, cl=True), 3, 5, torch.float16)
-    yield "noisy_input", noisy_input_op, (_r(b, 4, 5, grad=True), _r(b, 4, 5, grad=True), _r(b, 4, 5, grad=True),
-                                          alpha, 0.0, None, 0.5, 0, 0, torch.float32)
-    yield "noisy_input_seeded_cl", noisy_input_op, (_r(b, 2, 3, 4, cl=True, grad=True), None, None,
-                                                    None, 0.7, sigma, 0.0, 9, 100, torch.float32)
-    yield "noisy_input_backward", noisy_input_backward_op, (_r(b, 4, 5), alpha, 0.0, None, 0.3,
-                                                            torch.float32, torch.float16, True, True)
-    yield "pgd_step_l2", pgd_step_op, (_r(b, 4, 5), _r(b, 4, 5), _r(b, 4, 5), alpha, 0.0, None, 0.5, True, True)
-    yield "pgd_step_linf", pgd_step_op, (_r(b, 4, 5), _r(b, 4, 5), None, None, 0.1, sigma, 0.0, False, True)
-    yield "random_l2", random_perturbation_op, (_r(b, 4, 5), seed, sigma, 0.0, True, False, torch.float32)
-    yield "random_linf", random_perturbation_op, (_r(b, 4, 5), seed, None, 0.5, False, True, torch.float16)
-    yield "residual_loss", residual_loss_op, (_r(b, 4, 5, grad=True), _r(b, 4, 5, grad=True), _r(b, 4, 5, grad=True),
-                                              sigma, 0.0, 0, 0.0, 0, 0, True)
-    yield "residual_loss_seeded", residual_loss_op, (_r(b, 2, 3, 4, cl=True, grad=True), None, None, None, 1.0,
-                                                     2, 0.01, 4, 8, True)
-    yield "residual_loss_l1_nograd", residual_loss_op, (_r(b, 4, 5), _r(b, 4, 5), None, None, 1.0, 1, 0.0, 0, 0, False)
+    yield "gaussian_noise", OPS.gaussian_noise.default, (_r(b, 4, 5), 3, 5, torch.float32)
+    yield "gaussian_noise_cl", OPS.gaussian_noise.default, (_r(b, 2, 3, 4, cl=True), 3, 5, torch.float16)
+    yield "noisy_input", OPS.noisy_input.default, (_r(b, 4, 5, grad=True), _r(b, 4, 5, grad=True), _r(b, 4, 5, grad=True),
+                                                   alpha, None, 0.0, 0.5, 0, 0, torch.float32)
+    yield "noisy_input_seeded_cl", OPS.noisy_input.default, (_r(b, 2, 3, 4, cl=True, grad=True), None, None,
+                                                             None, sigma, 0.7, 0.0, 9, 100, torch.float32)
+    yield "noisy_input_backward", OPS.noisy_input_backward.default, (_r(b, 4, 5), alpha, None, 0.0, 0.3,
+                                                                     torch.float32, torch.float16)
+    yield "pgd_step_l2", OPS.pgd_step.default, (_r(b, 4, 5), _r(b, 4, 5), _r(b, 4, 5), alpha, None, 0.0, 0.5, True, True)
+    yield "pgd_step_linf", OPS.pgd_step.default, (_r(b, 4, 5), _r(b, 4, 5), None, None, sigma, 0.1, 0.0, False, True)
+    yield "random_l2", OPS.random_perturbation.default, (_r(b, 4, 5), seed, sigma, 0.0, True, False, torch.float32)
+    yield "random_linf", OPS.random_perturbation.default, (_r(b, 4, 5), seed, None, 0.5, False, True, torch.float16)
+    yield "residual_loss", OPS.residual_loss.default, (_r(b, 4, 5, grad=True), _r(b, 4, 5, grad=True), _r(b, 4, 5, grad=True),
+                                                      sigma, None, 0.0, 1.0, 0, 0.0, 2, 0, 0, True)
+    yield "residual_loss_seeded", OPS.residual_loss.default, (_r(b, 2, 3, 4, cl=True, grad=True), None, None, None, alpha,
+                                                             1.0, 0.0, 2, 0.01, 0, 4, 8, True)
+    yield "residual_loss_l1_nograd", OPS.residual_loss.default, (_r(b, 4, 5), _r(b, 4, 5), None, None, None, 1.0, 2.0, 1,
+                                                                0.0, 1, 0, 0, False)
     res = _r(b, 4, 5)
-    yield "residual_loss_backward", residual_loss_backward_op, (torch.rand(b, device=DEV), res, torch.rand(b, device=DEV),
-                                                                sigma, 0.0, 2, 0.1, torch.float32, torch.float32,
-                                                                torch.float16, True, False, True)
+    yield "residual_loss_backward", OPS.residual_loss_backward.default, (torch.rand(b, device=DEV), res, torch.rand(b, device=DEV),
+                                                                         sigma, alpha, 0.0, 0.0, 2, 0.1, 0, torch.float32,
+                                                                         torch.float32, torch.float16)
 
 
 SAMPLES = {name: (op, args) for name, op, args in _samples()}
@@ -65,13 +63,38 @@ SAMPLES = {name: (op, args) for name, op, args in _samples()}
 @pytest.mark.parametrize("name", list(SAMPLES))
 def test_opcheck(name):
     op, args = SAMPLES[name]
-    torch.library.opcheck(op, args)
+    with fastat.use_backend("triton"):
+        torch.library.opcheck(op, args)
 
 
 def test_ops_are_registered_under_fastat_namespace():
     for name in ("gaussian_noise", "noisy_input", "noisy_input_backward", "pgd_step", "random_perturbation",
                  "residual_loss", "residual_loss_backward"):
         assert hasattr(torch.ops.fastat, name)
+
+
+def test_every_kernel_is_registered_with_its_variants():
+    """fastat._triton_utils.KERNELS lists every @triton.jit kernel of fastat (what an audit compiles ahead of time)."""
+    import inspect
+
+    from fastat import _triton_utils as tu
+    from fastat.ops.losses import triton_kernels as ls
+    from fastat.ops.noise import triton_kernels as nz
+    from fastat.ops.noisy_input import triton_kernels as ni
+    from fastat.ops.perturbation import triton_kernels as pt
+
+    def kernels_in(module):  # @triton.jit objects named *_kernel (the others are device helpers they call)
+        return {name for name, obj in inspect.getmembers(module)
+                if hasattr(obj, "arg_names") and name.endswith("_kernel")
+                and getattr(getattr(obj, "fn", None), "__module__", None) == module.__name__}
+
+    jitted = set().union(*(kernels_in(m) for m in (ls, nz, ni, pt)))
+    assert len(jitted) == 9
+    assert jitted == set(tu.KERNELS)
+    for spec in tu.KERNELS.values():
+        args = set(spec.fn.arg_names)
+        assert set(spec.pointers) <= args and set(spec.constexprs) <= args and set(spec.scalars) <= args, spec.name
+    assert (1, 4096, 8) in tu.tile_configs() and (4096, 1, 8) in tu.tile_configs()
 
 
 def _forward(x0, delta, alpha, sigma):
@@ -156,79 +179,57 @@ def test_gpu_cuda_graph_capture():
 
 
 def _aot_cases():
-    from fastat.ops.losses import triton_kernels as ls
-    from fastat.ops.noise import triton_kernels as nz
-    from fastat.ops.noisy_input import triton_kernels as ni
-    from fastat.ops.perturbation import triton_kernels as pt
+    """Two variants of every registered kernel: every mode switch at its first value with many short rows, and at its
+    last value with one long row slice (the GPU tiles)."""
+    from fastat import _triton_utils as tu
+    from fastat.ops.losses import triton_kernels  # noqa: F401  (importing a module registers its kernels)
+    from fastat.ops.noise import triton_kernels as _n  # noqa: F401
+    from fastat.ops.noisy_input import triton_kernels as _ni  # noqa: F401
+    from fastat.ops.perturbation import triton_kernels as _p  # noqa: F401
 
-    T = dict(BLOCK_B=1, BLOCK_D=4096)  # GPU tiles: one long row slice / many short rows
-    T2 = dict(BLOCK_B=256, BLOCK_D=16)
-    CASES = [
-        (nz._gaussian_noise_kernel, {"out": None}, dict(CHANNELS_LAST=True, **T)),
-        (ni._noisy_input_fwd_kernel, dict.fromkeys(["x0", "noise", "delta", "out", "alpha_ptr", "sigma_ptr"]),
-         dict(ALPHA_T=True, SIGMA_T=True, HAS_DELTA=True, SEEDED=True, CHANNELS_LAST=True, **T)),
-        (ni._noisy_input_fwd_kernel, dict.fromkeys(["x0", "noise", "delta", "out", "alpha_ptr", "sigma_ptr"]),
-         dict(ALPHA_T=False, SIGMA_T=False, HAS_DELTA=False, SEEDED=False, CHANNELS_LAST=False, **T2)),
-        (ni._noisy_input_bwd_kernel, dict.fromkeys(["grad", "grad_x0", "grad_noise", "alpha_ptr", "sigma_ptr"]),
-         dict(ALPHA_T=True, SIGMA_T=False, WANT_X0=True, WANT_NOISE=True, **T)),
-        (pt._pgd_stats_kernel, {"delta": None, "grad": None, "partials": "fp32"}, dict(L2=True, **T)),
-        (pt._pgd_apply_kernel, dict.fromkeys(["delta", "grad", "base", "out", "xout", "step_ptr", "rad_ptr"]) | {"partials": "fp32"},
-         dict(STEP_T=True, RAD_T=True, L2=True, NORMALIZE=True, HAS_BASE=True, FUSED=False, NSPLIT_P2=32, **T)),
-        (pt._pgd_apply_kernel, dict.fromkeys(["delta", "grad", "base", "out", "xout", "step_ptr", "rad_ptr"]) | {"partials": "fp32"},
-         dict(STEP_T=False, RAD_T=False, L2=False, NORMALIZE=True, HAS_BASE=False, FUSED=True, NSPLIT_P2=1, **T2)),
-        (pt._pgd_apply_kernel, dict.fromkeys(["delta", "grad", "base", "out", "xout", "step_ptr", "rad_ptr"]) | {"partials": "fp32"},
-         dict(STEP_T=False, RAD_T=True, L2=True, NORMALIZE=False, HAS_BASE=False, FUSED=False, NSPLIT_P2=1, **T)),
-        (pt._randn_sumsq_kernel, {"seed_ptr": "i64", "partials": "fp32"}, dict(**T)),
-        (pt._random_apply_kernel, {"out": None, "seed_ptr": "i64", "partials": "fp32", "rad_ptr": "fp32"},
-         dict(RAD_T=True, L2=True, NORMAL=False, NSPLIT_P2=16, **T)),
-        (pt._random_apply_kernel, {"out": None, "seed_ptr": "i64", "partials": "fp32", "rad_ptr": "fp32"},
-         dict(RAD_T=False, L2=False, NORMAL=True, NSPLIT_P2=1, **T2)),
-        (ls._loss_fwd_kernel, dict.fromkeys(["a", "b", "c", "res", "k_ptr"]) | {"partials": "fp32", "loss": "fp32"},
-         dict(K_T=True, HAS_C=True, SEEDED=True, CHANNELS_LAST=True, METRIC=0, SAVE_RES=True, FINISH=False, **T)),
-        (ls._loss_fwd_kernel, dict.fromkeys(["a", "b", "c", "res", "k_ptr"]) | {"partials": "fp32", "loss": "fp32"},
-         dict(K_T=False, HAS_C=False, SEEDED=False, CHANNELS_LAST=False, METRIC=2, SAVE_RES=False, FINISH=True, **T2)),
-        (ls._loss_bwd_kernel, dict.fromkeys(["res", "ga", "gb", "gc", "k_ptr"]) | {"gout": "fp32", "loss": "fp32"},
-         dict(K_T=True, METRIC=2, WANT_A=True, WANT_B=True, WANT_C=True, **T)),
-        (ls._loss_bwd_kernel, dict.fromkeys(["res", "ga", "gb", "gc", "k_ptr"]) | {"gout": "fp32", "loss": "fp32"},
-         dict(K_T=False, METRIC=1, WANT_A=True, WANT_B=False, WANT_C=False, **T2)),
-    ]
-
-    return CASES
+    cases = []
+    for spec in tu.KERNELS.values():
+        for pick, tile in ((0, (256, 16)), (-1, (1, 4096))):
+            constexprs = {name: values[pick] for name, values in spec.constexprs.items()}
+            if "BLOCK_B" in spec.fn.arg_names:
+                constexprs.update(BLOCK_B=tile[0], BLOCK_D=tile[1])
+            cases.append((spec, constexprs))
+    return cases
 
 
-def _aot_compile(kernel, pointers, constexprs, dtype, arch=90):
+def _aot_compile(spec, constexprs, dtype, arch=90):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    floats = {"alpha_s", "sigma_s", "step_s", "rad_s", "k_s", "inv_d", "huber_c", "inv_sqrt_d"}
-    i64 = {"seed", "offset", "noise_offset", "numel"}
+    kernel = spec.fn
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = "*" + (pointers[name] or dtype)
+        elif name in spec.pointers:
+            sig[name] = "*" + (spec.pointers[name] or dtype)
         else:
-            sig[name] = "fp32" if name in floats else "i64" if name in i64 else "i32"
+            sig[name] = spec.scalars.get(name, "i32")
     const = {(kernel.arg_names.index(n),): v for n, v in constexprs.items()}
-    warps = max(1, min(8, constexprs["BLOCK_B"] * constexprs["BLOCK_D"] // 512))  # as fastat._triton_utils.tile
+    block = constexprs.get("BLOCK_B", 1) * constexprs.get("BLOCK_D", constexprs.get("BLOCK", 512))
+    warps = max(1, min(8, block // 512))  # as fastat._triton_utils.tile
     return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": warps})
 
 
 def _aot_main(dtypes):
     failures = 0
-    for kernel, pointers, constexprs in _aot_cases():
+    for spec, constexprs in _aot_cases():
         for dtype in dtypes:
             start = time.time()
             try:
-                out = _aot_compile(kernel, pointers, constexprs, dtype)
+                out = _aot_compile(spec, constexprs, dtype)
                 assert out.asm["cubin"], "no cubin"
-                print(f"ok   {kernel.fn.__name__:26s} {dtype} cubin {len(out.asm['cubin'])} B {time.time() - start:.1f}s")
+                print(f"ok   {spec.name:26s} {dtype} cubin {len(out.asm['cubin'])} B {time.time() - start:.1f}s")
             except Exception as exc:  # report every variant, then fail
                 failures += 1
-                print(f"FAIL {kernel.fn.__name__} {dtype} {constexprs}: {type(exc).__name__}: {str(exc)[:3000]}")
+                print(f"FAIL {spec.name} {dtype} {constexprs}: {type(exc).__name__}: {str(exc)[:3000]}")
     print(f"{failures} failures")
     return 1 if failures else 0
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastat
-from fastat import _dispatch, _ext
+from fastat import _backend, _dispatch, _ext
 from fastat._backend import BackendUnavailableError, backend_status
 
 
@@ -44,8 +44,11 @@ def test_kinds_are_checked():
 
 def test_sources_are_found():
     names = {p.name for p in _ext.cpu_sources()}
-    assert {"ops.cpp", "noisy_input.cpp", "pgd_step.cpp", "residual_loss.cpp"} <= names
-    assert (_ext.cpu_sources()[0].parent / "common.h").is_file()
+    assert {"ops.cpp", "noisy_input.cpp", "perturbation.cpp", "losses.cpp"} <= names
+    assert (_ext.cpu_sources()[0].parent / "launch.h").is_file()
+    # the per-element functors the CPU shares with the CUDA kernels are part of the build and of its fingerprint
+    shared = {p.name for p in _ext._headers(_ext.cpu_sources())}
+    assert {"noisy_input_ops.cuh", "perturbation_ops.cuh", "losses_ops.cuh", "kernel_utils.cuh", "host_common.h"} <= shared
 
 
 def test_jit_build_is_named_after_the_isa_level(monkeypatch):
@@ -65,7 +68,7 @@ def test_jit_build_is_named_after_the_isa_level(monkeypatch):
 @needs_cpp
 def test_status_after_load_says_where_it_came_from():
     namespace = _ext.load("cpp")
-    assert namespace is torch.ops.fastat_cpu
+    assert namespace is torch.ops.fastat_cpp
     ok, why = _ext.status("cpp")
     assert ok and why.startswith("built (") and ("cached at" in why or "prebuilt" in why)
     assert _ext.is_built("cpp")
@@ -78,15 +81,11 @@ def test_auto_on_cpu_uses_cpp_once_built():
     _ext.load("cpp")
     x = torch.randn(4, 3, 8, 8)
     fastat.set_backend("auto")
-    for op, args in (
-        ("noisy_input", (x, x, 0.5, 0.5, x)),
-        ("pgd_step", (x, x, 0.1, 1.0, "l2", True)),
-        ("equivariant_mse", (x, x, x, 0.5, "delta")),
-    ):
-        chosen = _dispatch.select(op, x.device, *args)
-        expected = _dispatch._load(op, "cpp") if "cpp" in _dispatch._AUTO_ORDER_PER_OP.get((op, "cpu"), ("cpp",)) else None
-        if expected is not None:
-            assert chosen is expected, op
+    for name in ("noisy_input", "pgd_step", "residual_loss", "gaussian_noise"):
+        route = _dispatch.select(_dispatch.OPS[name], "cpu", x.dtype, 0, 192)
+        assert route.backend == "cpp" and route.forward is getattr(_ext.module("cpp"), name), name
+    # random starts: auto on CPU draws with torch's generator (measured faster), cpp runs when chosen
+    assert _dispatch.select(_dispatch.OPS["random_perturbation"], "cpu", x.dtype, 0, 192).backend == "torch"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
@@ -126,8 +125,8 @@ def test_auto_never_builds(tmp_path):
             y = fastat.noisy_input(x, x, 0.3, 0.4, x)
             fastat.equivariant_mse(x, x, x, 0.5)
             fastat.pgd_step(x, x, 0.1, 1.0)
-        assert _dispatch.select("noisy_input", x.device, x, x, 0.3, 0.4, x) is _dispatch._load("noisy_input", "torch")
-        assert torch.equal(y, reference.noisy_input(x, x, 0.3, 0.4, x))
+        assert _dispatch.select(_dispatch.OPS["noisy_input"], "cpu", x.dtype, 0, 32).backend == "torch"
+        assert torch.equal(y, reference.noisy_input(x, x, x, None, None, 0.3, 0.4, 0, 0, x.dtype))
         assert not e.is_built("cpp") and "cpp" not in e._loaded
         print("OK", why)
         """,
@@ -141,7 +140,7 @@ def test_without_toolchain_status_is_one_line_and_explicit_choice_raises(monkeyp
     """As on a machine with no compiler and no cached build (state patched for this test only)."""
     monkeypatch.setattr(_ext, "_loaded", {})
     monkeypatch.setattr(_ext, "_failed", {})
-    monkeypatch.setattr(_ext, "_cpu_status_cache", None)
+    _backend.forget()
     monkeypatch.setattr(_ext, "_cached_library", lambda: None)
     monkeypatch.setattr(_ext, "PREBUILT_CPU_MODULE", "fastat._no_such_prebuilt_module")
     monkeypatch.setenv("CXX", "/nonexistent/c++")
@@ -153,9 +152,8 @@ def test_without_toolchain_status_is_one_line_and_explicit_choice_raises(monkeyp
     assert "\n" not in str(info.value)
     with pytest.raises(BackendUnavailableError, match=re.escape("cannot build the fastat C++ extension: no C++ compiler")):
         _ext.load("cpp")
-    x = torch.randn(2, 3)
     fastat.set_backend("auto")
-    assert _dispatch.select("noisy_input", x.device, x, x, 0.5, 0.5) is _dispatch._load("noisy_input", "torch")
+    assert _dispatch.select(_dispatch.OPS["noisy_input"], "cpu", torch.float32, 0, 64).backend == "torch"
 
 
 @pytest.mark.skipif(_ext._toolchain_problem() is not None, reason="needs ninja to reach the compile step")
@@ -196,9 +194,8 @@ def test_cached_build_loads_without_compiler_or_ninja():
         ok, why = e.status("cpp")
         assert ok and why.startswith("built (cached at"), why
         assert e.is_built("cpp")
-        x = torch.randn(3, 64)  # above the auto break-even sample size (_dispatch.AUTO_CPP_MIN_SAMPLE_NUMEL)
-        kernel = _dispatch.select("equivariant_mse", x.device, x, x, x, 0.5, "delta")
-        assert kernel is _dispatch._load("equivariant_mse", "cpp")  # auto picks the built kernel
+        # above the auto break-even sample size (_dispatch.AUTO_CPP_MIN_SAMPLE_NUMEL): auto picks the built kernel
+        assert _dispatch.select(_dispatch.OPS["residual_loss"], "cpu", torch.float32, 0, 64).backend == "cpp"
         print("OK", e.status("cpp")[1])
         """,
         TORCH_EXTENSIONS_DIR=str(cached.parent.parent),

@@ -14,6 +14,7 @@ from utils import (
     hand_equivariance_regularizer,
     hand_equivariant_mse,
     make,
+    runnable_backends,
     seed_of,
 )
 
@@ -198,6 +199,30 @@ def test_low_precision_gradients_match_fp64():
         for g, w in zip(grads, want):
             assert g.dtype == dtype
             torch.testing.assert_close(g.double(), w, atol=1e-2 * w.abs().max().item(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", runnable_backends("cpu"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("metric", ["l2", "l1"])
+def test_low_precision_gradients_are_rounded_once(backend, dtype, metric):
+    """Each gradient entry is the exact value rounded once to the data dtype (within half an ulp, plus fp32
+    arithmetic): the stored residual keeps fp32, so the backward does not round twice (nor flush a tiny residual
+    to zero, which would zero the L1 sign)."""
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter gets bf16 arithmetic wrong (docs/design.md); bf16 Triton runs on GPUs only")
+    gen = torch.Generator().manual_seed(5)
+    pred, target = (make((6, 3, 40), dtype, "contiguous", gen) for _ in range(2))
+    upstream = torch.randn(6, generator=gen) * 3  # per-sample upstream gradients: reduction "none"
+    p = pred.clone().requires_grad_()
+    with fastat.use_backend(backend):
+        per_sample = fastat.consistency_distance(p, target, metric, reduction="none")
+        (got,) = torch.autograd.grad(per_sample, p, upstream.to(per_sample.dtype))
+    p64 = pred.double().requires_grad_()
+    (want,) = torch.autograd.grad(hand_consistency_distance(p64, target.double(), metric, reduction="none"), p64,
+                                  upstream.double())
+    ulp = torch.finfo(dtype).eps * 2.0 ** torch.floor(torch.log2(want.abs().clamp_min(torch.finfo(dtype).tiny)))
+    err = (got.double() - want).abs()
+    assert got.dtype == dtype and (err <= 0.5 * ulp * (1 + 1e-3) + 1e-30).all(), (err / ulp).max()
 
 
 # ------------------------------------------------------------------------------------- empty batch

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from utils import DTYPES, LAYOUTS, SHAPES, as64, coefficient, hand_pgd_step, make, rows, seed_of, tol
+from utils import DTYPES, LAYOUTS, SHAPES, as64, coefficient, hand_pgd_step, make, rows, runnable_backends, seed_of, tol
 
 import fastat
 
@@ -264,12 +264,18 @@ def test_random_perturbation_rms_radius_mode():
     assert a.abs().max() <= 0.1
 
 
-def test_random_perturbation_empty_batch():
+@pytest.mark.parametrize("backend", runnable_backends("cpu"))
+def test_random_perturbation_empty_batch(backend):
+    """Nothing to draw: an empty result, and the caller's generator is not advanced (on every backend)."""
     e = torch.empty(0, 3, 4)
-    for norm in ("l2", "linf"):
-        for init in ("uniform", "normal", "zero"):
-            assert fastat.random_perturbation(e, 1.0, norm, init).shape == (0, 3, 4)
-            assert fastat.random_perturbation(e, torch.empty(0), norm, init).shape == (0, 3, 4)
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    with fastat.use_backend(backend):
+        for norm in ("l2", "linf"):
+            for init in ("uniform", "normal", "zero"):
+                assert fastat.random_perturbation(e, 1.0, norm, init, generator=gen).shape == (0, 3, 4)
+                assert fastat.random_perturbation(e, torch.empty(0), norm, init, generator=gen).shape == (0, 3, 4)
+    assert torch.equal(gen.get_state(), state)
 
 
 # ---------------------------------------------------------------------------------- per_sample_norm
@@ -347,3 +353,42 @@ ERRORS = [
 def test_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------ backends agree (issue 11)
+
+
+def _cpu_backends():
+    return [b for b in runnable_backends("cpu") if b in ("torch", "cpp", "triton")]
+
+
+@pytest.mark.parametrize("radius", [7e4, 1e39], ids=["beyond-fp16", "beyond-fp32"])
+def test_linf_with_a_huge_radius_agrees_on_every_backend(radius):
+    """A radius beyond the data dtype's range is an unbounded box on every backend (the reference raised
+    'value cannot be converted' for a float radius beyond fp32 while the C++ kernels worked)."""
+    gen = torch.Generator().manual_seed(11)
+    delta = (torch.randn(4, 3, 5, 5, generator=gen) * 0.1).half()
+    grad = torch.randn(4, 3, 5, 5, generator=gen).half()
+    results = {}
+    for backend in _cpu_backends():
+        with fastat.use_backend(backend):
+            results[backend] = fastat.pgd_step(delta, grad, 0.25, radius, "linf")
+            start = fastat.random_perturbation(delta, radius, "linf", "normal", generator=torch.Generator().manual_seed(2))
+        assert start.dtype == torch.float16 and not torch.isnan(start).any(), backend
+    want = (delta.float() + 0.25 * grad.float().sign()).half()  # the clamp never binds
+    for backend, got in results.items():
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=backend)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("init", ["uniform", "normal", "zero"])
+def test_every_cpu_backend_has_random_starts(norm, init):
+    """Each backend draws random starts itself (cpp too: issue 11 item 4) within the radius."""
+    like = torch.randn(3, 4, 6)
+    for backend in _cpu_backends():
+        with fastat.use_backend(backend):
+            out = fastat.random_perturbation(like, 0.5, norm, init, generator=torch.Generator().manual_seed(0))
+        flat = out.reshape(3, -1)
+        size = flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
+        assert out.shape == like.shape and bool((size <= 0.5 * (1 + 1e-6)).all()), backend
+        assert (init == "zero") == bool((out == 0).all()), backend

@@ -139,4 +139,4 @@ def test_cpp_is_really_used_by_the_loops():
             fastat.diffusion_adv_loss(model, x0, torch.tensor([3, 100, 500, 990]), noise, alphas_cumprod=TABLE,
                                       method="pgd").backward()
         names = {e.key for e in prof.key_averages()}
-        assert any(n.startswith("fastat_cpu::") for n in names), (backend, sorted(n for n in names if "fastat" in n))
+        assert any(n.startswith("fastat_cpp::") for n in names), (backend, sorted(n for n in names if "fastat" in n))

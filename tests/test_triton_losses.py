@@ -128,12 +128,12 @@ def test_seeded_noise_target_gradients():
 
 def test_no_residual_saved_without_grad():
     a, b = (torch.randn(2, 9, device=DEV) for _ in range(2))
-    from fastat.ops.losses.triton_kernels import residual_loss_op
+    from fastat.ops.losses.triton_kernels import residual_loss
 
-    with fastat.use_backend("triton"):
-        loss, res = residual_loss_op(a, b, None, None, 1.0, 0, 0.0, 0, 0, False)
+    loss, per_sample, res = residual_loss(a, b, None, None, None, 1.0, 1.0, 0, 0.0, 0, 0, 0, False)
     assert res.numel() == 0
     torch.testing.assert_close(loss, ((a - b) ** 2).mean(1))
+    torch.testing.assert_close(per_sample, loss)
 
 
 def test_pseudo_huber_zero_c_zero_residual_has_zero_gradient():
@@ -171,3 +171,29 @@ def test_reduction_is_deterministic():
 @pytest.mark.parametrize("shape", [(128, 3, 32, 32), (2, 3, 512, 512), (65536, 2)])
 def test_gpu_losses_all_dtypes(name, dtype, shape):
     _compare(name, shape, dtype, "contiguous")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_gpu_one_launch_loss_finishes_in_its_last_program(reduction):
+    """The forward is one launch: the last program (a ticket counter, reset by it) sums the partials in a fixed
+    order. Many programs, many repetitions, split rows, and two streams: the same bits every time, the
+    reference's value."""
+    torch.manual_seed(0)
+    p, n, d = (torch.randn(512, 3, 96, 96, device="cuda") for _ in range(3))
+    w = torch.rand(512, device="cuda")
+    with fastat.use_backend("torch"):
+        want = fastat.equivariant_mse(p, n, d, 0.5, weight=w, reduction=reduction)
+    side = torch.cuda.Stream()
+    with fastat.use_backend("triton"):
+        first = fastat.equivariant_mse(p, n, d, 0.5, weight=w, reduction=reduction)
+        for _ in range(200):
+            assert torch.equal(fastat.equivariant_mse(p, n, d, 0.5, weight=w, reduction=reduction), first)
+        with torch.cuda.stream(side):
+            other = fastat.equivariant_mse(p, n, d, 0.5, weight=w, reduction=reduction)
+        torch.cuda.synchronize()
+        assert torch.equal(other, first)
+        with tu.overrides(split=7):
+            split = fastat.equivariant_mse(p, n, d, 0.5, weight=w, reduction=reduction)
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split, want, rtol=1e-5, atol=1e-6)

@@ -46,11 +46,11 @@ def tol(dtype: torch.dtype) -> Tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Hand formulas written from SPEC.md, independent of fastat's reference code. They compute in the dtype
+# Hand formulas written from docs/maths.md, independent of fastat's reference code. They compute in the dtype
 # of their inputs: call them on float64 inputs for the oracle, on low-precision inputs for the "plain
 # torch in that dtype" baseline of the flash-attention tolerance rule.
 
-ETA = 1e-8  # SPEC's max(||.||, 1e-8) floor
+ETA = 1e-8  # the max(||.||, 1e-8) floor of docs/maths.md
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ def hand_noisy_input(x0, noise, alpha, sigma, delta=None):
 
 
 def hand_pgd_step(delta, grad, step_size, radius, norm="l2", normalize=True):
-    """SPEC §1/§4.2: L2 normalised ascent + ball projection; Linf sign step + box clamp."""
+    """docs/maths.md §1/§4.2: L2 normalised ascent + ball projection; Linf sign step + box clamp."""
     d, g = rows(delta), rows(grad)
     step, r = col(step_size, d), col(radius, d)
     if norm == "l2":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compile-only check of fastat's CUDA sources for sm_90, against the installed torch's headers.
 
-Works with a CPU-only torch wheel (see docs FEASIBILITY 4c-4g): every csrc/**/*.cu goes through
+Works with a CPU-only torch wheel (see docs/design.md, testing without a GPU): every csrc/**/*.cu goes through
 `nvcc -c` for sm_90 with torch's flags (C++17, the __CUDA_NO_HALF*__ defines) and a stand-in for the one
 generated header the CPU wheel lacks (c10/cuda/impl/cuda_cmake_macros.h); bindings.cpp (the only file
 that includes torch/library.h) gets `g++ -fsyntax-only`. Nothing is linked: link errors and the real

@@ -1,31 +1,43 @@
-// Schemas and CPU registrations of the fastat_cpu operator library (torch.ops.fastat_cpu.*).
-// Kernels live in the neighbouring .cpp files; this file only declares and binds.
+// Registration of the CPU kernels: for the operators of the fastat_cpp namespace (the operator path: torch.compile,
+// torch.ops), and as direct Python entries of this module (fastat's eager route; csrc/cuda/python_entry.h). The
+// schemas are not here: fastat defines each operator once, in Python (fastat/_dispatch.py), for every backend; the
+// dispatcher checks each function's signature against it when the library loads.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "kernels.h"
+#include "python_entry.h"
 
-TORCH_LIBRARY(fastat_cpu, m) {
-  m.def("noisy_input(Tensor x0, Tensor noise, Tensor? delta, Tensor? alpha_t, float alpha, Tensor? sigma_t, "
-        "float sigma) -> Tensor");
-  m.def("scale_by_sample(Tensor grad, Tensor? coef_t, float coef) -> Tensor");
-  m.def("pgd_step(Tensor delta, Tensor grad, Tensor? step_t, float step, Tensor? radius_t, float radius, bool l2, "
-        "bool normalize, Tensor? base) -> (Tensor, Tensor)");
-  m.def("residual_loss(Tensor a, Tensor b, Tensor? c, Tensor? k_t, float k, int metric, float huber_c, "
-        "bool save_residual) -> (Tensor, Tensor)");
-  m.def("residual_loss_backward(Tensor residual, Tensor grad_loss, Tensor loss, Tensor? k_t, float k, int metric, "
-        "float huber_c, bool need_a, bool need_b, bool need_c, ScalarType dtype) -> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(fastat_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(fastat_cpp, CPU, m) {
   m.impl("noisy_input", &fastat_cpu::noisy_input);
-  m.impl("scale_by_sample", &fastat_cpu::scale_by_sample);
+  m.impl("noisy_input_backward", &fastat_cpu::noisy_input_backward);
+  m.impl("gaussian_noise", &fastat_cpu::gaussian_noise);
   m.impl("pgd_step", &fastat_cpu::pgd_step);
+  m.impl("random_perturbation", &fastat_cpu::random_perturbation);
   m.impl("residual_loss", &fastat_cpu::residual_loss);
   m.impl("residual_loss_backward", &fastat_cpu::residual_loss_backward);
 }
 
-// Lets setup.py's prebuilt `fastat._C` be imported as a module; the ops register when the library loads.
-// The JIT build (fastat._ext) loads the same code with torch.ops.load_library and ignores this.
-static struct PyModuleDef fastat_c_module = {PyModuleDef_HEAD_INIT, "_C", "fastat CPU operator library", -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastat_c_module); }
+static PyMethodDef fastat_cpp_methods[] = {
+    FASTAT_ENTRY("noisy_input", fastat_cpu::noisy_input),
+    FASTAT_ENTRY("noisy_input_backward", fastat_cpu::noisy_input_backward),
+    FASTAT_ENTRY("gaussian_noise", fastat_cpu::gaussian_noise),
+    FASTAT_ENTRY("pgd_step", fastat_cpu::pgd_step),
+    FASTAT_ENTRY("random_perturbation", fastat_cpu::random_perturbation),
+    FASTAT_ENTRY("residual_loss", fastat_cpu::residual_loss),
+    FASTAT_ENTRY("residual_loss_backward", fastat_cpu::residual_loss_backward),
+    {nullptr, nullptr, 0, nullptr},
+};
+
+// The module is the prebuilt `fastat._C` (setup.py) or the just-in-time build fastat_cpu_ops_<isa> (fastat._ext);
+// TORCH_EXTENSION_NAME is the build's module name either way.
+#define FASTAT_STRINGIFY_(x) #x
+#define FASTAT_STRINGIFY(x) FASTAT_STRINGIFY_(x)
+#define FASTAT_CONCAT_(a, b) a##b
+#define FASTAT_CONCAT(a, b) FASTAT_CONCAT_(a, b)
+
+static struct PyModuleDef fastat_cpp_module = {PyModuleDef_HEAD_INIT, FASTAT_STRINGIFY(TORCH_EXTENSION_NAME),
+                                               "fastat's CPU kernels", -1, nullptr};
+PyMODINIT_FUNC FASTAT_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  return fastat::python::add_entries(PyModule_Create(&fastat_cpp_module), fastat_cpp_methods, "fastat_cpp");
+}

@@ -30,6 +30,7 @@
 
 #include <cuda_runtime.h>
 
+#include "host_common.h"
 #include "kernel_utils.cuh"
 
 #include <cstdint>
@@ -79,31 +80,6 @@ inline Tiling make_tiling(int64_t batch, int64_t d, int pack) {
   return t;
 }
 
-inline int64_t per_sample_numel(const at::Tensor& t) { return t.dim() == 0 || t.size(0) == 0 ? 0 : t.numel() / t.size(0); }
-
-// True when all tensors are dense with the batch dim outermost and identical strides, so flat memory
-// index i belongs to sample i / D in every one of them (contiguous and channels_last both qualify).
-inline bool shares_batch_major_layout(std::initializer_list<const at::Tensor*> tensors) {
-  const at::Tensor* first = nullptr;
-  for (const at::Tensor* t : tensors) {
-    if (t == nullptr || !t->defined()) continue;
-    if (!t->is_non_overlapping_and_dense()) return false;
-    if (t->dim() > 0 && t->size(0) > 1 && t->stride(0) != per_sample_numel(*t)) return false;
-    if (first == nullptr) {
-      first = t;
-    } else if (t->strides() != first->strides() || t->sizes() != first->sizes()) {
-      return false;
-    }
-  }
-  return true;
-}
-
-// The tensor as the kernels want it: unchanged when the group already shares a batch-major dense layout.
-inline at::Tensor batch_major(const at::Tensor& t, bool group_ok) {
-  if (!t.defined() || group_ok) return t;
-  return t.contiguous();
-}
-
 // Pack width for a launch: the 16-byte pack when every defined tensor is 16-byte aligned, else 1.
 inline bool aligned16(std::initializer_list<const at::Tensor*> tensors) {
   for (const at::Tensor* t : tensors) {
@@ -111,11 +87,6 @@ inline bool aligned16(std::initializer_list<const at::Tensor*> tensors) {
     if (reinterpret_cast<std::uintptr_t>(t->data_ptr()) % 16 != 0) return false;
   }
   return true;
-}
-
-template <typename A> Coef<A> make_coef(const c10::optional<at::Tensor>& t, double scalar) {
-  if (t.has_value() && t->defined()) return Coef<A>{t->data_ptr(), t->scalar_type() == at::kDouble, static_cast<A>(0)};
-  return Coef<A>{nullptr, false, static_cast<A>(scalar)};
 }
 
 inline void check_data(const at::Tensor& t, const char* name) {
@@ -126,21 +97,10 @@ inline void check_data(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() >= 1, "fastat_cuda: ", name, " must have a batch dim");
 }
 
-inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
   check_data(t, name);
   TORCH_CHECK(t.sizes() == ref.sizes(), "fastat_cuda: ", name, " has shape ", t.sizes(), " but ", ref_name, " has ", ref.sizes());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastat_cuda: ", name, " is ", t.scalar_type(), " but ", ref_name,
-              " is ", ref.scalar_type(), " (the Python glue casts to one dtype)");
   TORCH_CHECK(t.device() == ref.device(), "fastat_cuda: ", name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
-}
-
-inline void check_coef(const c10::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
-  if (!t.has_value() || !t->defined()) return;
-  TORCH_CHECK(t->device() == like.device(), "fastat_cuda: ", name, " is on ", t->device(), " but the data is on ", like.device());
-  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, "fastat_cuda: ", name,
-              " must be float32 or float64, got ", t->scalar_type());
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == like.size(0) && t->is_contiguous(), "fastat_cuda: ", name,
-              " must be a contiguous [B] tensor with B=", like.size(0), ", got shape ", t->sizes());
 }
 
 
@@ -223,6 +183,42 @@ template <int K, typename A, typename Fin>
 void launch_finalize(const Tiling& t, const A* partials, const Fin& fin, cudaStream_t stream) {
   if (t.batch <= 0) return;
   finalize_kernel<K, A, Fin><<<persistent_blocks(t.batch, kThreads), kThreads, 0, stream>>>(t.batch, t.chunks, partials, fin);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// One block: each thread takes samples b = t, t + blockDim, ... in order, sums their K partials as finalize_kernel does,
+// and adds fin(b, sums) (in double); the threads' totals are then added in a fixed tree order and
+// out[0] = total * scale. Deterministic, and one launch for the per-sample step and the batch sum together.
+template <int K, typename A, typename Fin>
+__global__ void __launch_bounds__(kThreads) finalize_reduce_kernel(int64_t batch, int64_t chunks, const A* __restrict__ partials,
+                                                                   Fin fin, A* __restrict__ out, double scale) {
+  __shared__ double shared[kThreads];
+  double acc = 0.0;
+  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
+    double total[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) total[k] = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) total[k] += static_cast<double>(partials[(b * chunks + c) * K + k]);
+    }
+    A sums[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) sums[k] = static_cast<A>(total[k]);
+    acc += static_cast<double>(fin(b, sums));
+  }
+  shared[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[0] = static_cast<A>(shared[0] * scale);
+}
+
+template <int K, typename A, typename Fin>
+void launch_finalize_reduce(const Tiling& t, const A* partials, const Fin& fin, A* out, double scale, cudaStream_t stream) {
+  finalize_reduce_kernel<K, A, Fin><<<1, kThreads, 0, stream>>>(t.batch, t.chunks, partials, fin, out, scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,6 +1,7 @@
-// Index arithmetic shared by the kernels, free of ATen and CUDA-only calls so that the CPU test
-// (tests/test_cuda_build.py) compiles it with g++ and checks it exhaustively: the vectorised range walk, the
-// sample cursor and the per-sample tiling of the reductions. All indices are int64 (tensors > 2^31 elements).
+// Index arithmetic shared by the CUDA and the CPU kernels, free of ATen and CUDA-only calls (csrc/cpu compiles it
+// with g++, and tests/test_cuda_build.py checks it exhaustively): the vectorised range walk, the sample cursor,
+// the logical index of in-kernel random draws and the per-sample tiling of the reductions. All indices are int64
+// (tensors > 2^31 elements).
 #pragma once
 
 #include <cstdint>
@@ -28,12 +29,59 @@ FASTAT_HD void for_range(int64_t lo, int64_t hi, int64_t lane, int64_t lanes, F&
   for (int64_t i = body_hi + lane; i < hi; i += lanes) f.template run<1>(i);
 }
 
-// Sample index of flat element i and the first element of the next sample, from one 64-bit division per pack.
+// Sample index of flat element i and the first element of the next sample. Constructed at i it costs one 64-bit
+// division; `seek` moves a kept cursor to a later element without dividing when that element is in the same or
+// the next sample (the CPU walks each range in order, so only its first pack divides).
 struct SampleCursor {
   int64_t b, next, d;
+  FASTAT_HD explicit SampleCursor(int64_t d_ = 1) : b(-1), next(0), d(d_) {}
   FASTAT_HD SampleCursor(int64_t i, int64_t d_) : b(i / d_), next((i / d_ + 1) * d_), d(d_) {}
   FASTAT_HD void advance(int64_t i) {
     while (i >= next) { ++b; next += d; }
+  }
+  FASTAT_HD void seek(int64_t i) {
+    if (i < next && i >= next - d) return;
+    if (i >= next && i < next + d) {
+      ++b;
+      next += d;
+      return;
+    }
+    b = i / d;
+    next = (b + 1) * d;
+  }
+};
+
+// Runs body(k, c) for the elements i + k (k < N) of a pack, with c = coefs(b) the per-sample values of the element's
+// sample b: one lookup when the pack lies inside one sample (always when D is a multiple of N), so the loop over k
+// is branch-free and the CPU compiler vectorises it; a pack straddling samples is walked element by element.
+template <int N, typename Coefs, typename Body>
+FASTAT_HD void for_pack(SampleCursor& cur, int64_t i, const Coefs& coefs, const Body& body) {
+  cur.seek(i);
+  auto c = coefs(cur.b);
+  if (i + N <= cur.next) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) body(k, c);
+  } else {
+    for (int k = 0; k < N; ++k) {
+      if (i + k >= cur.next) {
+        cur.advance(i + k);
+        c = coefs(cur.b);
+      }
+      body(k, c);
+    }
+  }
+}
+
+// Logical (row-major) index of flat memory element i, so that in-kernel random draws do not depend on the memory
+// layout: the identity for contiguous tensors; for channels_last ones (memory order batch, spatial..., channel) the
+// memory position p = s * C + c inside a sample holds logical element c * S + s (S = spatial size).
+struct LogicalIndex {
+  int64_t d, c, s;
+  bool channels_last;
+  FASTAT_HD int64_t operator()(int64_t i) const {
+    if (!channels_last) return i;
+    const int64_t b = i / d, p = i - b * d;
+    return b * d + (p % c) * s + p / c;
   }
 };
 

@@ -1,6 +1,6 @@
-// Device-side building blocks of the kernels with no ATen dependency (only c10's Half/BFloat16), written
-// __host__ __device__ so that the CPU test compiles the kernels' per-element code (the functors in *_ops.cuh)
-// with g++ and runs it against the float64 reference: fp32 accumulation, 16-byte packs, per-sample coefficients.
+// Building blocks of the kernels with no ATen dependency (only c10's Half/BFloat16), written __host__ __device__:
+// the per-element code (the functors in *_ops.cuh) is the one source of the CUDA kernels (csrc/cuda/*.cu) and of
+// the CPU kernels (csrc/cpu/*.cpp, compiled by g++): fp32 accumulation, packs of N elements, per-sample coefficients.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -35,21 +35,33 @@ template <typename T, typename A> FASTAT_HD T from_acc(A v) { return static_cast
 // Elements per 16-byte pack.
 template <typename T> constexpr int pack_size() { return 16 / static_cast<int>(sizeof(T)) > 0 ? 16 / static_cast<int>(sizeof(T)) : 1; }
 
-template <typename T, int N> struct alignas(sizeof(T) * N) Pack {
+// At most 16-byte aligned: a pack wider than 16 bytes (8 fp32 residual values beside 8 fp16 inputs) is accessed as
+// 16-byte vectors, so it needs no more alignment than aligned16() checks.
+template <typename T, int N> struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
   T v[N];
 };
 
+// Device: one 16-byte access per pack (the host checks alignment before choosing N > 1). Host: a plain loop, which
+// g++ vectorises with unaligned loads (the CPU kernels use packs of 16 elements whatever the alignment).
 template <int N, typename T> FASTAT_HD void load(const T* p, int64_t i, acc_t<T> (&out)[N]) {
+#if defined(__CUDA_ARCH__)
   const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p + i);
 #pragma unroll
   for (int k = 0; k < N; ++k) out[k] = to_acc(pk.v[k]);
+#else
+  for (int k = 0; k < N; ++k) out[k] = to_acc(p[i + k]);
+#endif
 }
 
 template <int N, typename T, typename A> FASTAT_HD void store(T* p, int64_t i, const A (&in)[N]) {
+#if defined(__CUDA_ARCH__)
   Pack<T, N> pk;
 #pragma unroll
   for (int k = 0; k < N; ++k) pk.v[k] = from_acc<T>(in[k]);
   *reinterpret_cast<Pack<T, N>*>(p + i) = pk;
+#else
+  for (int k = 0; k < N; ++k) p[i + k] = from_acc<T>(in[k]);
+#endif
 }
 
 // Per-sample coefficient: a contiguous [B] fp32/fp64 tensor (read in the accumulation type) or a scalar.
@@ -61,6 +73,14 @@ template <typename A> struct Coef {
     if (ptr == nullptr) return scalar;
     return is_double ? static_cast<A>(static_cast<const double*>(ptr)[b]) : static_cast<A>(static_cast<const float*>(ptr)[b]);
   }
+};
+
+// clamp(v, -r, r) by comparisons: a NaN stays NaN (as torch.clamp / torch.minimum give), and g++ vectorises it
+// (std::fmax/fmin become libm calls per element on the host).
+template <typename A> FASTAT_HD A clamp_box(A v, A r) { return v > r ? r : (v < -r ? -r : v); }
+
+template <typename A> struct Pair {
+  A first, second;
 };
 
 }  // namespace fastat

@@ -1,6 +1,7 @@
-// Functors of perturbation.cu.
-// Per-element / per-sample code of the kernels (functors run by the launch templates of common.cuh), free of
-// ATen so that tests/test_cuda_build.py compiles it for the host and checks it against the float64 reference.
+// Functors of perturbation.cu and csrc/cpu/perturbation.cpp: the one source of the per-element and per-sample maths
+// of the PGD steps and the random starts, on the GPU and on the CPU. Free of ATen, so that g++ compiles it for the
+// CPU kernels and tests/test_cuda_build.py checks it against the float64 reference. Each functor has the formula,
+// the GPU walk `run<N>(i)` and the CPU walk `span(lo, hi, ...)` (a plain loop over memory that g++ vectorises).
 #pragma once
 
 #include "kernel_utils.cuh"
@@ -19,32 +20,62 @@ FASTAT_HD void add_base(const T* __restrict__ base, T* __restrict__ xout, int64_
   store<N>(xout, i, bv);
 }
 
+// CPU: xout = base + T(delta') over [lo, hi).
+template <typename T>
+void add_base_span(const T* __restrict__ base, const T* __restrict__ delta_new, T* __restrict__ xout, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; ++i) xout[i] = from_acc<T>(to_acc(base[i]) + to_acc(delta_new[i]));
+}
+
 // ---- L2 -----------------------------------------------------------------------------------------------------
 
-template <typename T>
+// Per-sample ||g||^2, <delta, g>, ||delta||^2 and the count of non-finite g, in LANES independent partial sums
+// (1 on the GPU; 16 on the CPU, where they let g++ vectorise without reassociating), added in a fixed order.
+template <typename T, int LANES = 1>
 struct L2StatsOp {
   using A = acc_t<T>;
   const T* __restrict__ delta;
   const T* __restrict__ grad;
-  A gg, dg, dd, bad;
-  FASTAT_HD void reset(int64_t) { gg = dg = dd = bad = A(0); }
+  A gg[LANES], dg[LANES], dd[LANES], bad[LANES];
+  FASTAT_HD void reset(int64_t) {
+#pragma unroll
+    for (int l = 0; l < LANES; ++l) gg[l] = dg[l] = dd[l] = bad[l] = A(0);
+  }
   template <int N> FASTAT_HD void run(int64_t i) {
     A dv[N], gv[N];
     load<N>(delta, i, dv);
     load<N>(grad, i, gv);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      gg += gv[k] * gv[k];
-      dg += dv[k] * gv[k];
-      dd += dv[k] * dv[k];
-      bad += finite(gv[k]) ? A(0) : A(1);
+      const int l = k % LANES;
+      gg[l] += gv[k] * gv[k];
+      dg[l] += dv[k] * gv[k];
+      dd[l] += dv[k] * dv[k];
+      bad[l] += finite(gv[k]) ? A(0) : A(1);
     }
   }
   FASTAT_HD void partials(A (&out)[4]) const {
-    out[0] = gg;
-    out[1] = dg;
-    out[2] = dd;
-    out[3] = bad;
+    out[0] = out[1] = out[2] = out[3] = A(0);
+#pragma unroll
+    for (int l = 0; l < LANES; ++l) {
+      out[0] += gg[l];
+      out[1] += dg[l];
+      out[2] += dd[l];
+      out[3] += bad[l];
+    }
+  }
+
+  void span(int64_t lo, int64_t hi) {
+    int64_t i = lo;
+    auto add = [&](int l, int64_t j) {
+      const A d = to_acc(delta[j]), g = to_acc(grad[j]);
+      gg[l] += g * g;
+      dg[l] += d * g;
+      dd[l] += d * d;
+      bad[l] += finite(g) ? A(0) : A(1);
+    };
+    for (; i + LANES <= hi; i += LANES)
+      for (int l = 0; l < LANES; ++l) add(l, i + l);
+    for (int l = 0; i < hi; ++i, ++l) add(l, i);
   }
 };
 
@@ -80,25 +111,27 @@ struct L2ApplyOp {
   const T* __restrict__ base;  // optional: x' = base + delta' (delta' rounded to T first, as the reference)
   T* __restrict__ xout;
   const A* __restrict__ coef;
-  int64_t d;
+  SampleCursor cur;
   template <int N> FASTAT_HD void run(int64_t i) {
     A dv[N], gv[N];
     load<N>(delta, i, dv);
     load<N>(grad, i, gv);
-    SampleCursor cur(i, d);
-    A cd = coef[2 * cur.b], cg = coef[2 * cur.b + 1];
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      if (i + k >= cur.next) {
-        cur.advance(i + k);
-        cd = coef[2 * cur.b];
-        cg = coef[2 * cur.b + 1];
-      }
-      // cg == 0 for skipped samples: never multiply a NaN/Inf gradient into the kept delta.
-      dv[k] = cg != A(0) ? cd * dv[k] + cg * gv[k] : cd * dv[k];
-    }
+    // cg == 0 for skipped samples: never multiply a NaN/Inf gradient into the kept delta.
+    for_pack<N>(cur, i, [&](int64_t b) { return Pair<A>{coef[2 * b], coef[2 * b + 1]}; },
+                [&](int k, const Pair<A>& c) { dv[k] = c.second != A(0) ? c.first * dv[k] + c.second * gv[k] : c.first * dv[k]; });
     store<N>(out, i, dv);
     if (base != nullptr) add_base<N>(base, xout, i, dv);
+  }
+
+  bool uniform() const { return false; }
+  void span(int64_t lo, int64_t hi, int64_t b) const {
+    const A cd = coef[2 * b], cg = coef[2 * b + 1];
+    if (cg != A(0)) {
+      for (int64_t i = lo; i < hi; ++i) out[i] = from_acc<T>(cd * to_acc(delta[i]) + cg * to_acc(grad[i]));
+    } else {
+      for (int64_t i = lo; i < hi; ++i) out[i] = from_acc<T>(cd * to_acc(delta[i]));
+    }
+    if (base != nullptr) add_base_span(base, out, xout, lo, hi);
   }
 };
 
@@ -115,33 +148,55 @@ struct LinfStepOp {
   int* __restrict__ bad;
   Coef<A> step, radius;
   bool normalize;
-  int64_t d;
+  SampleCursor cur;
   template <int N> FASTAT_HD void run(int64_t i) {
     A dv[N], gv[N];
     load<N>(delta, i, dv);
     load<N>(grad, i, gv);
-    SampleCursor cur(i, d);
-    A s = step(cur.b), r = radius(cur.b);
+    bool all_finite = true;
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      if (i + k >= cur.next) {
-        cur.advance(i + k);
-        s = step(cur.b);
-        r = radius(cur.b);
-      }
-      const A g = gv[k];
-      if (!finite(g)) {
+    for (int k = 0; k < N; ++k) all_finite = all_finite && finite(gv[k]);
+    if (!all_finite) {  // rare: flag the samples of the non-finite elements (a flag: any order gives the same result)
+      SampleCursor at(i, cur.d);
+      for (int k = 0; k < N; ++k) {
+        at.advance(i + k);
+        if (!finite(gv[k])) {
 #if defined(__CUDA_ARCH__)
-        atomicOr(bad + cur.b, 1);  // a flag: any order gives the same result
+          atomicOr(bad + at.b, 1);
 #else
-        bad[cur.b] |= 1;
+          __atomic_fetch_or(bad + at.b, 1, __ATOMIC_RELAXED);  // CPU tasks may share a sample
 #endif
+        }
       }
-      const A dir = normalize ? A((g > A(0)) - (g < A(0))) : g;
-      dv[k] = fmax(fmin(dv[k] + s * dir, r), -r);
     }
+    if (normalize) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) gv[k] = A((gv[k] > A(0)) - (gv[k] < A(0)));
+    }
+    for_pack<N>(cur, i, [&](int64_t b) { return Pair<A>{step(b), radius(b)}; },
+                [&](int k, const Pair<A>& c) { dv[k] = clamp_box(dv[k] + c.first * gv[k], c.second); });
     store<N>(out, i, dv);
     if (base != nullptr) add_base<N>(base, xout, i, dv);
+  }
+
+  bool uniform() const { return false; }
+  void span(int64_t lo, int64_t hi, int64_t b) const {
+    const A s = step(b), r = radius(b);
+    int nonfinite = 0;  // g - g is NaN exactly when g is NaN or infinite (an integer OR: g++ vectorises it)
+    for (int64_t i = lo; i < hi; ++i) {
+      const A g = to_acc(grad[i]);
+      nonfinite |= !(g - g == A(0));
+    }
+    if (nonfinite) __atomic_fetch_or(bad + b, 1, __ATOMIC_RELAXED);  // CPU tasks may share a sample
+    if (normalize) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const A g = to_acc(grad[i]);
+        out[i] = from_acc<T>(clamp_box(to_acc(delta[i]) + s * A((g > A(0)) - (g < A(0))), r));
+      }
+    } else {
+      for (int64_t i = lo; i < hi; ++i) out[i] = from_acc<T>(clamp_box(to_acc(delta[i]) + s * to_acc(grad[i]), r));
+    }
+    if (base != nullptr) add_base_span(base, out, xout, lo, hi);
   }
 };
 
@@ -153,9 +208,10 @@ struct RestoreOp {
   const T* __restrict__ base;
   T* __restrict__ xout;
   const int* __restrict__ bad;
-  int64_t d;
+  SampleCursor cur;
   template <int N> FASTAT_HD void run(int64_t i) {
-    SampleCursor cur(i, d);
+    cur.seek(i);
+    if (i + N <= cur.next && !bad[cur.b]) return;  // the common case: a pack of one finite sample
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       if (i + k >= cur.next) cur.advance(i + k);
@@ -165,33 +221,64 @@ struct RestoreOp {
       }
     }
   }
+
+  bool uniform() const { return false; }
+  void span(int64_t lo, int64_t hi, int64_t b) const {
+    if (!bad[b]) return;
+    for (int64_t i = lo; i < hi; ++i) out[i] = delta[i];
+    if (base != nullptr) add_base_span(base, delta, xout, lo, hi);
+  }
 };
 
 // ---- random starts ------------------------------------------------------------------------------------------
 
-// Draws come from (seed, flat index) with seed read from a device tensor, so a torch.Generator can supply it
-// without a host sync (graph capture); the L2 forms regenerate the same draws in both passes instead of storing them.
-template <typename A>
+// Draws come from (seed, logical index) -- the same values whatever the memory layout, and the same stream as the
+// Triton kernels -- with seed read from a device tensor, so a torch.Generator can supply it without a host sync
+// (graph capture); the L2 forms regenerate the same draws in both passes instead of storing them.
+template <typename A, int LANES = 1>
 struct NormalSumOp {
   const int64_t* __restrict__ seed;
-  A nn;
-  FASTAT_HD void reset(int64_t) { nn = A(0); }
+  LogicalIndex logical;
+  A nn[LANES];
+  FASTAT_HD void reset(int64_t) {
+#pragma unroll
+    for (int l = 0; l < LANES; ++l) nn[l] = A(0);
+  }
   template <int N> FASTAT_HD void run(int64_t i) {
     const uint64_t sd = static_cast<uint64_t>(*seed);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const A v = philox_normal(sd, 0, i + k);
-      nn += v * v;
+      const A v = philox_normal(sd, 0, logical(i + k));
+      nn[k % LANES] += v * v;
     }
   }
-  FASTAT_HD void partials(A (&out)[1]) const { out[0] = nn; }
+  FASTAT_HD void partials(A (&out)[1]) const {
+    A s = A(0);
+#pragma unroll
+    for (int l = 0; l < LANES; ++l) s += nn[l];
+    out[0] = s;
+  }
+
+  void span(int64_t lo, int64_t hi) {
+    const uint64_t sd = static_cast<uint64_t>(*seed);
+    int64_t i = lo;
+    for (; i + LANES <= hi; i += LANES)
+      for (int l = 0; l < LANES; ++l) {
+        const A v = philox_normal(sd, 0, logical(i + l));
+        nn[l] += v * v;
+      }
+    for (int l = 0; i < hi; ++i, ++l) {
+      const A v = philox_normal(sd, 0, logical(i));
+      nn[l] += v * v;
+    }
+  }
 };
 
 template <typename A>
 struct BallCoefFin {
   const int64_t* __restrict__ seed;
   Coef<A> radius;
-  int64_t d;
+  int64_t d, numel;  // numel: elements of the whole tensor (the per-sample uniforms are drawn past them)
   bool normal;  // true: N(0, (R/sqrt(D))^2) projected on the ball; false: uniform in the ball
   A* __restrict__ coef;
   FASTAT_HD void operator()(int64_t b, const A (&s)[1]) const {
@@ -202,8 +289,8 @@ struct BallCoefFin {
       const A scale = r / sqrt(A(d > 1 ? d : 1));
       c = scale * fmin(A(1), r / fmax(norm * scale, A(kNormFloor)));
     } else {
-      // ||delta|| = R * U^(1/D), U from a separate Philox subsequence; the power in fp64 as in the reference.
-      const double u = philox_uniform(static_cast<uint64_t>(*seed), 0, b, 1u);
+      // ||delta|| = R * U^(1/D), U = tl.rand(seed, numel + b) (counters past the elements'), the power in fp64.
+      const double u = philox_uniform(static_cast<uint64_t>(*seed), 0, numel + b);
       const double root = pow(u, 1.0 / static_cast<double>(d > 1 ? d : 1));
       c = static_cast<A>(root) * r / fmax(norm, A(kNormFloor));
     }
@@ -219,26 +306,34 @@ struct RandomApplyOp {
   Coef<A> radius;      // Linf forms
   const A* __restrict__ coef;  // L2 forms: per-sample multiplier of the normal draw
   int mode;            // 0: L2 (n * coef_b), 1: Linf uniform box, 2: Linf normal clamped
-  int64_t d;
+  LogicalIndex logical;
+  SampleCursor cur;
   template <int N> FASTAT_HD void run(int64_t i) {
     const uint64_t sd = static_cast<uint64_t>(*seed);
     A o[N];
-    SampleCursor cur(i, d);
-    A c = mode == 0 ? coef[cur.b] : radius(cur.b);
+    A u[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      if (i + k >= cur.next) {
-        cur.advance(i + k);
-        c = mode == 0 ? coef[cur.b] : radius(cur.b);
-      }
-      if (mode == 1) {
-        o[k] = (A(2) * A(philox_uniform(sd, 0, i + k)) - A(1)) * c;
-      } else {
-        const A v = A(philox_normal(sd, 0, i + k)) * c;
-        o[k] = mode == 0 ? v : fmax(fmin(v, c), -c);
-      }
+      const int64_t j = logical(i + k);
+      u[k] = mode == 1 ? A(2) * A(philox_uniform(sd, 0, j)) - A(1) : A(philox_normal(sd, 0, j));
     }
+    for_pack<N>(cur, i, [&](int64_t b) { return mode == 0 ? coef[b] : radius(b); },
+                [&](int k, A c) {
+                  const A v = u[k] * c;
+                  o[k] = mode == 2 ? clamp_box(v, c) : v;
+                });
     store<N>(out, i, o);
+  }
+
+  bool uniform() const { return mode != 0 && radius.ptr == nullptr; }
+  void span(int64_t lo, int64_t hi, int64_t b) const {
+    const uint64_t sd = static_cast<uint64_t>(*seed);
+    const A c = mode == 0 ? coef[b] : radius(b);
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t j = logical(i);
+      const A v = (mode == 1 ? A(2) * A(philox_uniform(sd, 0, j)) - A(1) : A(philox_normal(sd, 0, j))) * c;
+      out[i] = from_acc<T>(mode == 2 ? clamp_box(v, c) : v);
+    }
   }
 };
 

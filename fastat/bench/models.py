@@ -1,5 +1,5 @@
 """Benchmark models: the DDPM CIFAR-10 UNet of Ho et al. (35.7 M parameters at the default config)
-and the toy 2-D MLP denoiser of ANCHORS.md. Plain torch, no extra dependency (the GPU machines have
+and a toy 2-D MLP denoiser. Plain torch, no extra dependency (the GPU machines have
 no package registry), called as ``model(x_t, timesteps)``.
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ class DDPMUNet(nn.Module):
 
 
 class ToyMLP(nn.Module):
-    """ANCHORS' toy 2-D denoiser: sinusoidal time embedding (64) concatenated to x, 4 linear layers of
+    """The toy 2-D denoiser: sinusoidal time embedding (64) concatenated to x, 4 linear layers of
     width 256 with SiLU."""
 
     def __init__(self, dim: int = 2, width: int = 256, temb: int = 64):

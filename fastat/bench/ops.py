@@ -32,11 +32,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _dispatch
+from .. import _dispatch  # noqa: F401  (registered_backends)
 from .._backend import BackendUnavailableError, backend_status, device_refusal, use_backend
 from .timing import device_profile, interleaved, measure
 
-# ANCHORS.md §1 shapes.
+# The shapes of docs/design.md's GPU reference numbers, plus the latent and 2-D toy cases.
 ANCHOR_SHAPES: Dict[str, Tuple[int, ...]] = {
     "cifar": (128, 3, 32, 32),
     "latent": (64, 4, 64, 64),
@@ -51,9 +51,30 @@ KERNEL_BACKENDS = ("triton", "cuda", "cpp")
 
 
 def _ref(op: str) -> Callable:
-    import fastat  # noqa: F401  (registers every op family)
+    """The reference expression of a public op, with the argument order the cases use (reductions "none"). Run under
+    backend "torch": eagerly it is the reference; under torch.compile the public functions trace the reference."""
+    import fastat
 
-    return _dispatch._load(op, "torch")
+    return {
+        "noisy_input": lambda x0, noise, alpha, sigma, delta: fastat.noisy_input(x0, noise, alpha, sigma, delta),
+        "pgd_step": lambda delta, grad, step, radius, norm, normalize: fastat.pgd_step(delta, grad, step, radius, norm, normalize),
+        "random_perturbation": lambda like, radius, norm, init, generator, dtype: fastat.random_perturbation(
+            like, radius, norm, init, generator, dtype),
+        "equivariant_mse": lambda pred, noise, delta, sigma, target: fastat.equivariant_mse(
+            pred, noise, delta, sigma, target, reduction="none"),
+        "equivariance_regularizer": lambda pp, pc, omega, detach_anchor, mode: fastat.equivariance_regularizer(
+            pp, pc, omega, None, detach_anchor, mode, "none"),
+        "consistency_distance": lambda pred, target, metric, c: fastat.consistency_distance(
+            pred, target, metric, c, reduction="none"),
+    }[op]
+
+
+def _on_reference(fn: Callable) -> Callable:
+    def call(*args):
+        with use_backend("torch"):
+            return fn(*args)
+
+    return call
 
 
 def _coefs(b: int, device) -> Dict[str, torch.Tensor]:
@@ -198,7 +219,7 @@ def run_op_benchmarks(device, quick: bool = False, shapes: Optional[Dict[str, Tu
                       cases: Optional[Sequence[str]] = None, log: Callable[[str], None] = print) -> Dict:
     """Time every case on every shape and provider. Returns {"rows", "copy", "skipped", "providers"}.
 
-    Defaults: quick -> tiny shapes, 5 reps, no compile; CPU -> CPU_SHAPES; CUDA -> all ANCHORS shapes.
+    Defaults: quick -> tiny shapes, 5 reps, no compile; CPU -> CPU_SHAPES; CUDA -> all ANCHOR_SHAPES.
     A provider that raises is recorded with its error (no time) instead of stopping the run."""
     device = torch.device(device)
     if shapes is None:
@@ -224,7 +245,7 @@ def run_op_benchmarks(device, quick: bool = False, shapes: Optional[Dict[str, Tu
 
         # One static-shape graph per (op, shape); the default limit of 8 would silently fall back to eager.
         dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-    compiled = {op: torch.compile(fn, dynamic=False) for op, fn in eager_refs.items()} if compile else {}
+    compiled = {op: _on_reference(torch.compile(fn, dynamic=False)) for op, fn in eager_refs.items()} if compile else {}
     rows = []
     elem = torch.empty((), dtype=dtype).element_size()
     for shape_name, shape in shapes.items():

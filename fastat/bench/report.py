@@ -128,6 +128,9 @@ def markdown(meta: Dict, rows: List[Dict]) -> str:
         for (provider, why), shapes in reasons.items():
             out.append(f"\n{provider} ({', '.join(shapes)}): {why}")
         out.append("")
+    from .overhead import markdown as overhead_markdown
+
+    out += overhead_markdown(rows)
     steps = [r for r in rows if r.get("suite") == "steps"]
     if steps:
         keys = [k for k in dict.fromkeys(k for r in steps for k in r) if k not in ("suite",)]

@@ -1,10 +1,13 @@
-"""`fastat bench`: op and step benchmarks for the backends this machine can run, written as JSON, markdown, PNG.
+"""`fastat bench`: op, step and host-overhead benchmarks for the backends this machine can run, written as JSON,
+markdown, PNG.
 
     run(device, quick, out_dir, suites) -> {"json", "md", "png", "rows", "meta"}
 
-Files: <out_dir>/<device>-<date>[-quick].json/.md/.png (default out_dir ./fastat_bench_out; the repository's
-committed results are written with --out benchmarks/results), <device> = "cpu" or the GPU's name. The "steps" suite
-comes from fastat.bench.steps.run_step_benchmarks(device, quick=...) when that module exists.
+Files: <out_dir>/<device>-<date>[-<suites>][-quick].json/.md/.png (default out_dir ./fastat_bench_out; the
+repository's committed results are written with --out benchmarks/results), <device> = "cpu" or the GPU's name; the
+suites appear in the name unless they are the default ("ops,steps"). The "steps" suite comes from
+fastat.bench.steps.run_step_benchmarks(device, quick=...) when that module exists; "overhead" is
+fastat.bench.overhead (host time per call against eager, kernels per call).
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ import torch
 
 from . import report
 
-SUITES = ("ops", "steps")
+SUITES = ("ops", "steps", "overhead")
+DEFAULT_SUITES = ("ops", "steps")  # "overhead" runs when asked for (--suites overhead or ops,overhead)
 
 
 def _log(msg: str) -> None:
@@ -77,7 +81,7 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str = DEFAULT_OUT,
 
 def _run(device, quick, out_dir, suites, log, note, compile, run_op_benchmarks) -> Dict:
 
-    suites = list(SUITES if suites is None else ([s.strip() for s in suites.split(",")] if isinstance(suites, str) else suites))
+    suites = list(DEFAULT_SUITES if suites is None else ([s.strip() for s in suites.split(",")] if isinstance(suites, str) else suites))
     bad = [s for s in suites if s not in SUITES]
     if bad or not suites:
         raise ValueError(f"suites must be a non-empty subset of {SUITES}, got {suites!r}")
@@ -101,11 +105,20 @@ def _run(device, quick, out_dir, suites, log, note, compile, run_op_benchmarks) 
             log(f"  skipped: {why}")
         else:
             rows += step_rows
+    if "overhead" in suites:
+        from .overhead import run_overhead_benchmarks
+
+        log(f"overhead suite on {meta['device_name']}{' (quick)' if quick else ''}")
+        overhead = run_overhead_benchmarks(dev, quick=quick, log=log)
+        rows += overhead["rows"]
+        meta["overhead_providers"] = overhead["providers"]
+        meta["skipped"].update({f"overhead {k}": v for k, v in overhead["skipped"].items()})
     for name, why in meta["skipped"].items():
         log(f"skipped column {name}: {why}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{report.device_slug(dev)}-{datetime.date.today().isoformat()}{'-quick' if quick else ''}"
+    named = "" if tuple(suites) == DEFAULT_SUITES else "-" + "-".join(suites)
+    stem = f"{report.device_slug(dev)}-{datetime.date.today().isoformat()}{named}{'-quick' if quick else ''}"
     json_path = report.write_json(meta, rows, out / f"{stem}.json")
     md_path = out / f"{stem}.md"
     md_path.write_text(report.markdown(meta, rows) + "\n")

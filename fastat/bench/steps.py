@@ -1,12 +1,12 @@
 """Whole training-step benchmarks (issue 5 item 7): every AT method, timed interleaved with the standard
 DDPM step in one run, time and peak memory per optimizer step.
 
-Cases: the toy 2-D MLP of ANCHORS.md (fp32, batch 4096; 65536 too on a GPU) and the DDPM CIFAR-10 UNet
+Cases: the toy 2-D MLP denoiser (fastat.bench.models) (fp32, batch 4096; 65536 too on a GPU) and the DDPM CIFAR-10 UNet
 (Ho et al., 35.7 M parameters, batch 128, bf16 autocast) on a GPU; on a CPU a small UNet (ch 32,
 16x16, batch 8; quick: ch 16, 8x8, batch 2) stands in so the suite runs anywhere (CI smoke, `fastat bench` on CPU).
 
 Providers:
-  "eager":  plain PyTorch loops with the pass structure of the authors' code (the reference of ANCHORS §1)
+  "eager":  plain PyTorch loops with the pass structure of the authors' code (the pass structure of docs/maths.md §5)
   "fastat": fastat.diffusion_adv_loss / FreeReplay (fused ops on the selected backend)
   "fastat+cudagraph": the fastat step captured whole in a CUDA graph (toy MLP, CUDA only)
 

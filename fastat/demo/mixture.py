@@ -20,7 +20,7 @@ separately, v_k = a_t^2 s_k^2 + sigma_t^2 in the subspace and u_k = a_t^2 tau_k^
     grad_x log p_t(x) = -sum_k r_k (P (x - a_t mu_k) / v_k + (I - P)(x - a_t mu_k) / u_k)
 
 eps* is the minimiser of the DDPM loss over all functions: the exact denoiser that a trained eps-model
-approximates, so ||eps_theta - eps*||^2 measures model error with no noise floor (ANCHORS §3).
+approximates, so ||eps_theta - eps*||^2 measures model error with no noise floor (a closed-form yardstick).
 Everything is computed in float64.
 """
 from __future__ import annotations

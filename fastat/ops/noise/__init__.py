@@ -1,4 +1,4 @@
-"""Seeded Gaussian noise (SPEC §4.1): noise that is regenerated from (seed, offset) instead of stored.
+"""Seeded Gaussian noise (docs/maths.md §4.1): noise that is regenerated from (seed, offset) instead of stored.
 
 `gaussian_noise(like, seed, offset)` draws N(0, 1) noise with Philox4x32-10 + Box-Muller exactly as
 triton's `tl.randn(seed, offset + i)` does for the element of row-major logical index i, so the
@@ -19,12 +19,10 @@ import torch
 
 from ... import _dispatch
 from ..._checks import check_like, check_tensor
+from ..._shapes import device_type
 from . import reference
+from .op import GAUSSIAN_NOISE
 from .reference import SEED_LIMIT
-
-_dispatch.register_kernel("gaussian_noise", "torch", "fastat.ops.noise.reference:gaussian_noise")
-_dispatch.register_kernel("gaussian_noise", "triton", "fastat.ops.noise.triton_kernels:gaussian_noise")
-_dispatch.register_kernel("gaussian_noise", "cuda", "fastat.ops.noisy_input.cuda_kernels:gaussian_noise")
 
 
 def _check_int(name: str, value) -> int:
@@ -81,7 +79,12 @@ def gaussian_noise(
     dtype = like.dtype if dtype is None else dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    return _dispatch.call("gaussian_noise", like.device, like, seed, offset, dtype)
+    args = (like, seed, offset, dtype)
+    if _dispatch.compiling():
+        return reference.gaussian_noise(*args) if _dispatch.traced_as_reference() else GAUSSIAN_NOISE.overload(*args)
+    batch = like.shape[0]
+    numel = like.numel() // batch if batch else 0
+    return _dispatch.select(GAUSSIAN_NOISE, device_type(like), dtype, 0, numel).forward(*args)
 
 
 def check_noise(name: str, noise, ref_name: str, ref: torch.Tensor) -> Noise:
@@ -101,3 +104,6 @@ def materialize(noise: Noise, like: torch.Tensor) -> torch.Tensor:
     if isinstance(noise, SeededNoise):
         return reference.gaussian_noise(like, noise.seed, noise.offset, torch.float32)
     return noise
+
+
+_dispatch.register_public("gaussian_noise", GAUSSIAN_NOISE)

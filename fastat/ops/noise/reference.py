@@ -71,9 +71,11 @@ def randn_flat(seed: int, offset: int, numel: int, device) -> torch.Tensor:
 
 def noise_layout(like: torch.Tensor) -> torch.memory_format:
     """Seeded noise comes out channels_last when `like` is, else contiguous."""
-    if like.ndim == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+    if like.is_contiguous():
+        return torch.contiguous_format
+    if like.ndim == 4 and like.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
-    if like.ndim == 5 and like.is_contiguous(memory_format=torch.channels_last_3d) and not like.is_contiguous():
+    if like.ndim == 5 and like.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
 
@@ -81,3 +83,11 @@ def noise_layout(like: torch.Tensor) -> torch.memory_format:
 def gaussian_noise(like: torch.Tensor, seed: int, offset: int, dtype: torch.dtype) -> torch.Tensor:
     flat = randn_flat(seed, offset, like.numel(), like.device)
     return flat.view(like.shape).to(dtype).contiguous(memory_format=noise_layout(like))
+
+
+def rand_flat(seed: int, offset: int, numel: int, device) -> torch.Tensor:
+    """fp32 U[0, 1) for logical indices offset .. offset + numel - 1 (1-D): triton's tl.rand(seed, offset + i)."""
+    idx = torch.arange(numel, device=device, dtype=torch.int64) + offset
+    zero = torch.zeros_like(idx)
+    c0, _, _, _ = philox(seed, idx & M32, (idx >> 32) & M32, zero, zero)
+    return uint_to_uniform(c0)

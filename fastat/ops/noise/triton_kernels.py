@@ -1,4 +1,4 @@
-"""Triton kernel for seeded Gaussian noise (element with row-major index i = tl.randn(seed, offset + i))."""
+"""Triton kernel of fastat::gaussian_noise: element with logical (row-major) index i = tl.randn(seed, offset + i)."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from ... import _triton_utils as tu
+from ..._shapes import is_channels_last
 from .reference import noise_layout
 
 
@@ -20,27 +21,18 @@ def _gaussian_noise_kernel(
     tl.store(out + rows * D + cols, noise.to(out.dtype.element_ty), mask=mask)
 
 
-def _fake_noise(like, seed, offset, dtype):
-    return torch.empty_like(like, dtype=dtype, memory_format=noise_layout(like))
-
-
-@torch.library.custom_op("fastat::gaussian_noise", mutates_args=())
-def gaussian_noise_op(like: torch.Tensor, seed: int, offset: int, dtype: torch.dtype) -> torch.Tensor:
-    out = _fake_noise(like, seed, offset, dtype)
-    if out.numel() == 0:
-        return out
-    batch, numel = tu.batch_numel(out)
-    c, s, cl = tu.noise_layout_args(out)
-    grid, bb, bd, warps, n_col = tu.launch_grid(batch, numel)
-    _gaussian_noise_kernel[grid](
-        out, batch, numel, c, s, seed, offset, n_col, CHANNELS_LAST=cl, BLOCK_B=bb, BLOCK_D=bd, num_warps=warps
-    )
-    return out
-
-
-gaussian_noise_op.register_fake(_fake_noise)
+tu.register_kernel(_gaussian_noise_kernel, pointers={"out": None}, constexprs={"CHANNELS_LAST": (False, True)},
+                   scalars={"seed": "i64", "offset": "i64"})
 
 
 def gaussian_noise(like: torch.Tensor, seed: int, offset: int, dtype: torch.dtype) -> torch.Tensor:
-    """Triton kernel behind fastat.gaussian_noise (same signature as the reference)."""
-    return gaussian_noise_op(like, seed, offset, dtype)
+    """fastat::gaussian_noise on the Triton backend (the op's signature)."""
+    out = torch.empty_like(like, dtype=dtype, memory_format=noise_layout(like))
+    if out.numel() == 0:
+        return out
+    batch, numel = tu.batch_numel(out)
+    c, s, cl = tu.channels(out, is_channels_last(out))
+    grid, bb, bd, warps, n_col = tu.launch_grid(batch, numel)
+    tu.launch(_gaussian_noise_kernel, grid, (out, batch, numel, c, s, seed, offset, n_col),
+              dict(CHANNELS_LAST=cl, BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
+    return out

@@ -1,20 +1,24 @@
-"""Noise-injected model input (SPEC §4.1): x_t = alpha_t * x0 + sigma_t * noise (+ delta)."""
+"""Noise-injected model input (docs/maths.md §4.1): x_t = alpha_t * x0 + sigma_t * noise (+ delta)."""
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 
 from ... import _dispatch
-from ..._checks import check_batch, check_like, check_tensor, per_sample
+from ..._checks import FLOAT_DTYPES, check_batch, check_same, check_tensor, check_values, coefficient
 from ..._shapes import Coef
-from ..noise import Noise, check_noise
-from ...schedules import alpha_sigma
+from ..._backend import CACHE
+from ..._checks import values_checkable
+from ...schedules import alphas_cumprod_of
+from ..noise import Noise, SeededNoise, check_noise
+from . import reference
+from .op import NOISY_INPUT
 
-_dispatch.register_kernel("noisy_input", "torch", "fastat.ops.noisy_input.reference:noisy_input")
-_dispatch.register_kernel("noisy_input", "cpp", "fastat.ops.noisy_input.cpp_kernels:noisy_input")
-_dispatch.register_kernel("noisy_input", "triton", "fastat.ops.noisy_input.triton_kernels:noisy_input")
-_dispatch.register_kernel("noisy_input", "cuda", "fastat.ops.noisy_input.cuda_kernels:noisy_input")
+_COEFFICIENT_GRAD = NOISY_INPUT.feature_bits["coefficient_grad"]
+FLOATS = frozenset(FLOAT_DTYPES)
+is_compiling = torch.compiler.is_compiling
 
 
 def noisy_input(
@@ -30,16 +34,46 @@ def noisy_input(
     alpha, sigma: floats or per-sample tensors of shape [B]. The result has the promoted dtype of
     x0, noise and delta (a bf16 x0 with an fp32 delta gives fp32, so the perturbation is not rounded).
     noise may be a `fastat.SeededNoise(seed, offset)`: the fp32 noise gaussian_noise(x0, seed, offset),
-    regenerated in-kernel by the Triton backend instead of read (it is left out of the dtype promotion).
+    regenerated in-kernel instead of read (it is left out of the dtype promotion).
     """
-    check_tensor("x0", x0)
-    check_noise("noise", noise, "x0", x0)
+    if not isinstance(x0, torch.Tensor) or x0.dtype not in FLOATS or x0.ndim < 1:
+        check_tensor("x0", x0)
+    shape, device, dtype = x0.shape, x0.device, x0.dtype
+    if isinstance(noise, SeededNoise):
+        check_noise("noise", noise, "x0", x0)
+        seed, offset, noise = noise.seed, noise.offset, None
+    else:
+        if not isinstance(noise, torch.Tensor):
+            check_noise("noise", noise, "x0", x0)
+        check_same("noise", noise, "x0", shape, device)
+        seed = offset = 0
+        if noise.dtype is not dtype:
+            dtype = torch.promote_types(dtype, noise.dtype)
     if delta is not None:
-        check_like("delta", delta, "x0", x0)
-    batch = x0.shape[0]
-    alpha = per_sample("alpha", alpha, batch, x0.device)
-    sigma = per_sample("sigma", sigma, batch, x0.device)
-    return _dispatch.call("noisy_input", x0.device, x0, noise, alpha, sigma, delta)
+        check_same("delta", delta, "x0", shape, device)
+        if delta.dtype is not dtype:
+            dtype = torch.promote_types(dtype, delta.dtype)
+    acc = torch.float64 if dtype is torch.float64 else torch.float32
+    batch = shape[0]
+    alpha, alpha_s = coefficient("alpha", alpha, batch, device, acc)
+    sigma, sigma_s = coefficient("sigma", sigma, batch, device, acc)
+    args = (x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, dtype)
+    grad_mode = torch.is_grad_enabled()
+    coefficient_grad = grad_mode and (
+        (alpha is not None and alpha.requires_grad) or (sigma is not None and sigma.requires_grad))
+    if is_compiling():
+        if coefficient_grad or _dispatch.traced_as_reference():
+            return reference.noisy_input(*args)
+        return NOISY_INPUT.overload(*args)
+    route = _dispatch.select(NOISY_INPUT, "cuda" if x0.is_cuda else device.type, dtype,
+                             _COEFFICIENT_GRAD if coefficient_grad else 0, x0.numel() // batch if batch else 0)
+    if not route.checks_values:
+        check_values("alpha", alpha)
+        check_values("sigma", sigma)
+    if grad_mode and (x0.requires_grad or (noise is not None and noise.requires_grad)
+                      or (delta is not None and delta.requires_grad) or coefficient_grad):
+        return _dispatch.run(NOISY_INPUT, route, args, True)
+    return route.forward(*args)
 
 
 def q_sample(
@@ -57,8 +91,37 @@ def q_sample(
     check_tensor("x0", x0)
     if not isinstance(timesteps, torch.Tensor):
         raise TypeError(f"timesteps must be an integer tensor of shape [B], got {type(timesteps).__name__}")
-    check_batch("timesteps", timesteps.reshape(-1), "x0", x0)
+    steps = timesteps.reshape(-1)
+    check_batch("timesteps", steps, "x0", x0)
     if timesteps.device != x0.device:
         raise ValueError(f"timesteps is on {timesteps.device} but x0 is on {x0.device}; put them on one device")
-    alpha, sigma = alpha_sigma(alphas_cumprod, timesteps)
-    return noisy_input(x0, noise, alpha.to(x0.device), sigma.to(x0.device), delta)
+    if steps.dtype.is_floating_point or steps.dtype == torch.bool:
+        raise TypeError(f"timesteps must be an integer tensor, got {steps.dtype}")
+    table = _schedule_coefficients(alphas_cumprod, x0.device)
+    if values_checkable(steps) and steps.numel():
+        values = steps.tolist() if steps.numel() <= 256 else [int(steps.min()), int(steps.max())]
+        lo, hi = min(values), max(values)
+        if lo < 0 or hi >= table.shape[1]:
+            raise ValueError(f"timesteps must lie in [0, {table.shape[1] - 1}], got values in [{lo}, {hi}]")
+    pair = table.index_select(1, steps if steps.dtype in (torch.int64, torch.int32) else steps.long())
+    return noisy_input(x0, noise, pair[0], pair[1], delta)
+
+
+def _schedule_coefficients(alphas_cumprod, device: torch.device) -> torch.Tensor:
+    """[2, T] fp32 on `device`: sqrt(abar) and sqrt(1 - abar) formed in float64 (as schedules.alpha_sigma forms
+    them), kept in the one cache per table tensor (checked by identity and version), so q_sample gathers both
+    coefficients in one op."""
+    source = alphas_cumprod if isinstance(alphas_cumprod, torch.Tensor) else getattr(alphas_cumprod, "alphas_cumprod", None)
+    key = ("q_sample coefficients", id(source), device)
+    entry = CACHE.get(key) if isinstance(source, torch.Tensor) else None
+    if entry is not None and entry[0]() is source and entry[1] == source._version:
+        return entry[2]
+    abar = alphas_cumprod_of(alphas_cumprod)
+    table = torch.stack([abar.sqrt(), (1.0 - abar).sqrt()]).float().to(device)
+    if isinstance(source, torch.Tensor):
+        CACHE[key] = (weakref.ref(source), source._version, table)
+    return table
+
+
+_dispatch.register_public("noisy_input", NOISY_INPUT)
+_dispatch.register_public("q_sample", NOISY_INPUT)

@@ -1,24 +1,41 @@
-"""Reference: x_t = alpha * x0 + sigma * noise (+ delta), fp32 accumulation, plain autograd."""
+"""Reference kernels of fastat::noisy_input and its backward: plain torch, fp32 accumulation, differentiable by autograd."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from ..._shapes import Coef, column, compute_dtype
-from ..noise import materialize
+from ..._shapes import accumulation_dtype, column, promote
+from ..noise.reference import gaussian_noise
 
 
-def output_dtype(x0: torch.Tensor, noise: torch.Tensor, delta: Optional[torch.Tensor]) -> torch.dtype:
-    dtype = torch.promote_types(x0.dtype, noise.dtype)
-    return dtype if delta is None else torch.promote_types(dtype, delta.dtype)
+def output_dtype(x0: torch.Tensor, noise: Optional[torch.Tensor], delta: Optional[torch.Tensor]) -> torch.dtype:
+    """promote(x0, noise, delta); seeded noise (None) takes no part in the promotion."""
+    dtype = x0.dtype if noise is None else promote(x0.dtype, noise.dtype)
+    return dtype if delta is None else promote(dtype, delta.dtype)
 
 
-def noisy_input(x0: torch.Tensor, noise, alpha: Coef, sigma: Coef, delta: Optional[torch.Tensor] = None):
-    dtype = output_dtype(x0, noise if isinstance(noise, torch.Tensor) else x0, delta)  # seeded noise: not promoted
-    noise = materialize(noise, x0)
-    acc = compute_dtype(x0, noise, delta)
-    out = column(alpha, x0) * x0.to(acc) + column(sigma, x0) * noise.to(acc)
+def noisy_input(x0, noise, delta, alpha, sigma, alpha_s: float, sigma_s: float, seed: int, offset: int, dtype):
+    """x_t = alpha * x0 + sigma * noise (+ delta) in `dtype`; noise None: gaussian_noise(x0, seed, offset)."""
+    acc = accumulation_dtype(dtype)
+    if noise is None:
+        noise = gaussian_noise(x0, seed, offset, torch.float32)
+    a = alpha_s if alpha is None else column(alpha, x0)
+    s = sigma_s if sigma is None else column(sigma, x0)
+    out = a * x0.to(acc) + s * noise.to(acc)
     if delta is not None:
         out = out + delta.to(acc)
     return out.to(dtype)
+
+
+def noisy_input_backward(grad, alpha, sigma, alpha_s: float, sigma_s: float, x0_dtype, noise_dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(alpha * grad in x0_dtype, sigma * grad in noise_dtype); a None dtype: not wanted (an empty tensor)."""
+    acc = accumulation_dtype(grad.dtype)
+    g = grad.to(acc)
+
+    def scaled(coef, coef_s, dtype):
+        if dtype is None:
+            return grad.new_empty(0)
+        return ((coef_s if coef is None else column(coef, g)) * g).to(dtype)
+
+    return scaled(alpha, alpha_s, x0_dtype), scaled(sigma, sigma_s, noise_dtype)

@@ -1,4 +1,4 @@
-"""Perturbation ops (SPEC §4.2): random starts and PGD steps with per-sample radius and step size.
+"""Perturbation ops (docs/maths.md §4.2): random starts and PGD steps with per-sample radius and step size.
 
 Radius conventions. `radius_mode="abs"` (default): for L2 the radius R bounds ||delta||_2; for Linf it
 bounds every coordinate. `radius_mode="rms"` takes AT_Diff's per-coordinate radius r and uses
@@ -13,21 +13,20 @@ from typing import Optional
 import torch
 
 from ... import _dispatch
-from ..._checks import check_choice, check_like, check_tensor, per_sample
-from ..._shapes import Coef, per_sample_numel
+from ..._checks import FLOAT_DTYPES, check_choice, check_like, check_same, check_tensor, check_values, coefficient
+from ..._shapes import Coef, accumulation_dtype, device_type, per_sample_numel
+from ..noise.reference import noise_layout
+from . import reference
+from .op import PGD_STEP, RANDOM_PERTURBATION
 from .reference import l2_norm
 
 NORMS = ("l2", "linf")
 INITS = ("uniform", "normal", "zero")
 RADIUS_MODES = ("abs", "rms")
-
-_dispatch.register_kernel("pgd_step", "torch", "fastat.ops.perturbation.reference:pgd_step")
-_dispatch.register_kernel("pgd_step", "cpp", "fastat.ops.perturbation.cpp_kernels:pgd_step")
-_dispatch.register_kernel("random_perturbation", "torch", "fastat.ops.perturbation.reference:random_perturbation")
-_dispatch.register_kernel("pgd_step", "triton", "fastat.ops.perturbation.triton_kernels:pgd_step")
-_dispatch.register_kernel("random_perturbation", "triton", "fastat.ops.perturbation.triton_kernels:random_perturbation")
-_dispatch.register_kernel("pgd_step", "cuda", "fastat.ops.perturbation.cuda_kernels:pgd_step")
-_dispatch.register_kernel("random_perturbation", "cuda", "fastat.ops.perturbation.cuda_kernels:random_perturbation")
+_DIFFERENTIABLE = PGD_STEP.feature_bits["differentiable"]
+FLOATS = frozenset(FLOAT_DTYPES)
+is_compiling = torch.compiler.is_compiling
+SEED_HIGH = 2**62  # random starts draw their seed from [0, 2**62) with the caller's generator
 
 
 def rms_radius(r: Coef, like: torch.Tensor) -> Coef:
@@ -35,10 +34,15 @@ def rms_radius(r: Coef, like: torch.Tensor) -> Coef:
     return r * math.sqrt(per_sample_numel(like))
 
 
-def _radius(name: str, radius, like: torch.Tensor, norm: str, radius_mode: str) -> Coef:
-    check_choice("radius_mode", radius_mode, RADIUS_MODES)
-    radius = per_sample(name, radius, like.shape[0], like.device, nonnegative=True)
-    return rms_radius(radius, like) if radius_mode == "rms" and norm == "l2" else radius
+def _radius(name: str, radius, like: torch.Tensor, norm: str, radius_mode: str, acc: torch.dtype):
+    """The radius as the ops take it, (tensor or None, float), in the absolute convention."""
+    if radius_mode != "abs":
+        check_choice("radius_mode", radius_mode, RADIUS_MODES)
+    tensor, value = coefficient(name, radius, like.shape[0], like.device, acc, nonnegative=True)
+    if radius_mode == "rms" and norm == "l2":
+        scale = math.sqrt(per_sample_numel(like))
+        return (None, value * scale) if tensor is None else (tensor * scale, 0.0)
+    return tensor, value
 
 
 def pgd_step(
@@ -64,17 +68,47 @@ def pgd_step(
     model_input_base: optional x_t shaped like delta; then the result is (delta', x_t + delta'), the next
     model input written in the same pass (dtype promote(x_t, delta); delta' is added after rounding).
     """
-    check_tensor("delta", delta)
-    check_like("grad", grad, "delta", delta)
-    check_choice("norm", norm, NORMS)
+    if not isinstance(delta, torch.Tensor) or delta.dtype not in FLOATS or delta.ndim < 1:
+        check_tensor("delta", delta)
+    shape, device, dtype = delta.shape, delta.device, delta.dtype
+    check_same("grad", grad, "delta", shape, device)
+    if norm != "l2" and norm != "linf":
+        check_choice("norm", norm, NORMS)
+    if grad.dtype is not dtype:
+        dtype = torch.promote_types(dtype, grad.dtype)
     if model_input_base is not None:
-        check_like("model_input_base", model_input_base, "delta", delta)
-    step_size = per_sample("step_size", step_size, delta.shape[0], delta.device, nonnegative=True)
-    radius = _radius("radius", radius, delta, norm, radius_mode)
-    args = (delta, grad, step_size, radius, norm, bool(normalize))
-    if model_input_base is None:  # kernels written before model_input_base existed keep working
-        return _dispatch.call("pgd_step", delta.device, *args)
-    return _dispatch.call("pgd_step", delta.device, *args, model_input_base)
+        check_same("model_input_base", model_input_base, "delta", shape, device)
+        if model_input_base.dtype is not dtype:
+            dtype = torch.promote_types(dtype, model_input_base.dtype)
+    acc = torch.float64 if dtype is torch.float64 else torch.float32
+    if step_size.__class__ is float and 0.0 <= step_size < math.inf:  # the common case, checked inline
+        step, step_s = None, step_size
+    else:
+        step, step_s = coefficient("step_size", step_size, shape[0], device, acc, nonnegative=True)
+    if radius.__class__ is float and 0.0 <= radius < math.inf and (radius_mode == "abs" or norm == "linf"):
+        if radius_mode != "abs":
+            check_choice("radius_mode", radius_mode, RADIUS_MODES)
+        radius, radius_s = None, radius
+    else:
+        radius, radius_s = _radius("radius", radius, delta, norm, radius_mode, acc)
+    args = (delta, grad, model_input_base, step, radius, step_s, radius_s, norm == "l2", bool(normalize))
+    differentiable = torch.is_grad_enabled() and (
+        delta.requires_grad or grad.requires_grad or (model_input_base is not None and model_input_base.requires_grad)
+        or (step is not None and step.requires_grad) or (radius is not None and radius.requires_grad))
+    if is_compiling():
+        if differentiable or _dispatch.traced_as_reference():
+            new, x = reference.pgd_step(*args)
+        else:
+            new, x = PGD_STEP.overload(*args)
+    else:
+        batch = shape[0]
+        route = _dispatch.select(PGD_STEP, "cuda" if delta.is_cuda else device.type, dtype,
+                                 _DIFFERENTIABLE if differentiable else 0, delta.numel() // batch if batch else 0)
+        if not route.checks_values:
+            check_values("step_size", step, nonnegative=True)
+            check_values("radius", radius, nonnegative=True)
+        new, x = route.forward(*args)
+    return new if model_input_base is None else (new, x)
 
 
 def random_perturbation(
@@ -94,15 +128,39 @@ def random_perturbation(
         then projected onto the ball / clamped to the box.
     init="zero": zeros.
     """
-    check_tensor("like", like)
-    check_choice("norm", norm, NORMS)
-    check_choice("init", init, INITS)
-    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+    if not isinstance(like, torch.Tensor) or like.dtype not in FLOATS or like.ndim < 1:
+        check_tensor("like", like)
+    if norm != "l2" and norm != "linf":
+        check_choice("norm", norm, NORMS)
+    if init != "uniform" and init != "normal" and init != "zero":
+        check_choice("init", init, INITS)
+    if dtype is None:
+        dtype = like.dtype
+    elif dtype not in FLOATS:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     if generator is not None and generator.device.type != like.device.type:
         raise ValueError(f"generator is on {generator.device} but like is on {like.device}")
-    radius = _radius("radius", radius, like, norm, radius_mode)
-    return _dispatch.call("random_perturbation", like.device, like, radius, norm, init, generator, dtype)
+    if radius.__class__ is float and radius_mode == "abs" and 0.0 <= radius < math.inf:
+        radius_s, radius = radius, None  # the common case, already checked
+    else:
+        radius, radius_s = _radius("radius", radius, like, norm, radius_mode, accumulation_dtype(dtype))
+    if init == "zero":
+        return torch.zeros(like.shape, dtype=dtype, device=like.device).contiguous(memory_format=noise_layout(like))
+    if not like.numel() and not is_compiling():  # nothing to draw: the generator is not advanced, on any backend
+        return torch.empty(like.shape, dtype=dtype, device=like.device).contiguous(memory_format=noise_layout(like))
+    if is_compiling():
+        route = None if _dispatch.traced_as_reference() else RANDOM_PERTURBATION.operator_route
+    else:
+        batch = like.shape[0]
+        route = _dispatch.select(RANDOM_PERTURBATION, "cpu" if like.is_cpu else device_type(like), dtype, 0,
+                                 like.numel() // batch if batch else 0)
+        if radius is not None and not route.checks_values:
+            check_values("radius", radius, nonnegative=True)
+    if route is None or route.direct:
+        return reference.random_perturbation_from_generator(like, radius_s if radius is None else radius, norm, init,
+                                                            generator, dtype)
+    seed = torch.randint(0, SEED_HIGH, (1,), generator=generator, device=like.device, dtype=torch.int64)
+    return route.forward(like.detach(), seed, radius, radius_s, norm == "l2", init == "normal", dtype)
 
 
 def per_sample_norm(x: torch.Tensor, norm: str = "l2") -> torch.Tensor:
@@ -114,3 +172,7 @@ def per_sample_norm(x: torch.Tensor, norm: str = "l2") -> torch.Tensor:
     if norm == "l2":
         return l2_norm(x)
     return x.abs().reshape(x.shape[0], per_sample_numel(x)).amax(dim=1) if x.numel() else x.new_zeros(x.shape[0])
+
+
+_dispatch.register_public("pgd_step", PGD_STEP)
+_dispatch.register_public("random_perturbation", RANDOM_PERTURBATION)

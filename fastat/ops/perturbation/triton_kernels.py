@@ -1,4 +1,4 @@
-"""Triton kernels for PGD steps and random starts with per-sample radius and step size.
+"""Triton kernels of fastat::pgd_step and fastat::random_perturbation (the ops' signatures, see op.py).
 
 pgd_step, L2 (normalize=True):
     pass 1 (reduction, per sample): ||g||^2, <delta, g>, ||delta||^2 and the count of non-finite g,
@@ -13,22 +13,23 @@ Optional `model_input_base`: pass 2 also writes base + delta' (the next model in
 Bytes (N = B*D elements, s = element size): L2 reads delta and g twice and writes delta' once (5 N s;
 3 N s fused), plus 2 N s with a base; Linf reads g, then delta and g, and writes delta' (4 N s; 3 N s fused).
 
-random_perturbation: the seed is drawn on the device from `generator` (no host sync), the values from
-tl.rand/tl.randn. Box / Linf-normal: one pass. L2 ball (uniform: Gaussian direction times R * U^(1/D);
-normal: N(0, (R/sqrt(D))^2) projected on the ball): a reduction pass for ||n||^2 per sample, then the
-noise is regenerated and written once. Values differ from torch's RNG; the distributions are the same.
+random_perturbation: the values from tl.rand/tl.randn at each element's logical index (so they do not depend
+on the memory layout) from the seed held in a device tensor. Box / Linf-normal: one pass. L2 ball (uniform:
+Gaussian direction times R * U^(1/D), U = tl.rand(seed, B*D + b); normal: N(0, (R/sqrt(D))^2) projected on the
+ball): a reduction pass for ||n||^2 per sample, then the noise is regenerated and written once. The same draws
+as the CUDA and CPU kernels and as reference.random_perturbation.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ... import _dispatch
 from ... import _triton_utils as tu
-from ..noisy_input.triton_kernels import coef_pair
+from ..._shapes import empty_output, is_channels_last, promote, work_layout
+from ..noise.reference import noise_layout
 
 N_STATS = 4  # ||g||^2, <delta,g>, ||delta||^2, #non-finite g
 
@@ -65,6 +66,10 @@ def _pgd_stats_kernel(
     tl.store(partials + B * nsplit + out, tl.sum(dg, axis=1)[:, None], mask=row_mask)
     tl.store(partials + 2 * B * nsplit + out, tl.sum(dd, axis=1)[:, None], mask=row_mask)
     tl.store(partials + 3 * B * nsplit + out, tl.sum(bad, axis=1)[:, None], mask=row_mask)
+
+
+tu.register_kernel(_pgd_stats_kernel, pointers={"delta": None, "grad": None, "partials": "fp32"},
+                   constexprs={"L2": (False, True)})
 
 
 @triton.jit
@@ -123,23 +128,24 @@ def _pgd_apply_kernel(
         tl.store(xout + offs, x.to(xout.dtype.element_ty), mask=mask)
 
 
-def _fake_pgd(delta, grad, base, step, step_s, radius, radius_s, l2, normalize):
-    (delta, grad, base), template, _ = tu.work_layout([delta, grad, base])
-    out = tu.empty_like_layout(template, delta.dtype)
+tu.register_kernel(
+    _pgd_apply_kernel,
+    pointers=dict.fromkeys(["delta", "grad", "base", "out", "xout"]) | {"partials": "fp32", "step_ptr": "fp32", "rad_ptr": "fp32"},
+    constexprs={"STEP_T": (False, True), "RAD_T": (False, True), "L2": (False, True), "NORMALIZE": (False, True),
+                "HAS_BASE": (False, True), "FUSED": (False, True), "NSPLIT_P2": (1, 2, 4, 8, 16, 32, 64)},
+    scalars={"step_s": "fp32", "rad_s": "fp32"},
+)
+
+
+def pgd_step(delta, grad, base, step_size, radius, step_size_s, radius_s, l2, normalize) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fastat::pgd_step on the Triton backend: (delta', base + delta' or an empty tensor)."""
+    layout = work_layout([delta, grad, base])
+    delta, grad, base = layout.tensors
+    out = empty_output(layout, delta.dtype)
     if base is None:
-        return out, delta.new_empty(0)
-    return out, tu.empty_like_layout(template, torch.promote_types(base.dtype, delta.dtype))
-
-
-@torch.library.custom_op("fastat::pgd_step", mutates_args=())
-def pgd_step_op(
-    delta: torch.Tensor, grad: torch.Tensor, base: Optional[torch.Tensor],
-    step: Optional[torch.Tensor], step_s: float, radius: Optional[torch.Tensor], radius_s: float,
-    l2: bool, normalize: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(delta', base + delta'); the second is empty when base is None. step/radius: [B] or None + float."""
-    out, xout = _fake_pgd(delta, grad, base, step, step_s, radius, radius_s, l2, normalize)
-    (delta, grad, base), _, _ = tu.work_layout([delta, grad, base])
+        xout = delta.new_empty(0)
+    else:
+        xout = empty_output(layout, promote(base.dtype, delta.dtype))
     if out.numel() == 0:
         return out, xout
     batch, numel = tu.batch_numel(delta)
@@ -150,40 +156,16 @@ def pgd_step_op(
     if not fused:
         rgrid, rbb, rbd, rwarps, nsplit, chunk = tu.reduction_grid(batch, numel, delta.device)
         partials = torch.empty((N_STATS, batch, nsplit), dtype=torch.float32, device=delta.device)
-        _pgd_stats_kernel[rgrid](
-            delta, grad, partials, batch, numel, chunk, nsplit, L2=l2, BLOCK_B=rbb, BLOCK_D=rbd, num_warps=rwarps
-        )
-    _pgd_apply_kernel[grid](
+        tu.launch(_pgd_stats_kernel, rgrid, (delta, grad, partials, batch, numel, chunk, nsplit),
+                  dict(L2=l2, BLOCK_B=rbb, BLOCK_D=rbd, num_warps=rwarps))
+    tu.launch(_pgd_apply_kernel, grid, (
         delta, grad, delta if base is None else base, out, out if base is None else xout, partials,
-        delta if step is None else step, step_s, delta if radius is None else radius, radius_s,
+        delta if step_size is None else step_size, step_size_s, delta if radius is None else radius, radius_s,
         batch, numel, nsplit, n_col,
-        STEP_T=step is not None, RAD_T=radius is not None, L2=l2, NORMALIZE=normalize, HAS_BASE=base is not None,
-        FUSED=fused, NSPLIT_P2=tu.next_pow2(nsplit), BLOCK_B=bb, BLOCK_D=bd, num_warps=warps,
-    )
+    ), dict(STEP_T=step_size is not None, RAD_T=radius is not None, L2=l2, NORMALIZE=normalize,
+            HAS_BASE=base is not None, FUSED=fused, NSPLIT_P2=tu.next_pow2(nsplit), BLOCK_B=bb, BLOCK_D=bd,
+            num_warps=warps))
     return out, xout
-
-
-pgd_step_op.register_fake(_fake_pgd)
-
-
-def _refuse_pgd(delta, grad, step_size, radius, norm="l2", normalize=True, model_input_base=None) -> Optional[str]:
-    tensors = [t for t in (delta, grad, model_input_base) if t is not None]
-    if any(t.dtype == torch.float64 for t in tensors):
-        return "float64 inputs run on the reference (the kernels accumulate in fp32)"
-    if torch.is_grad_enabled() and any(
-        t.requires_grad for t in tensors + [c for c in (step_size, radius) if isinstance(c, torch.Tensor)]
-    ):
-        return "pgd_step kernels are not differentiable (call them under torch.no_grad() or on detached tensors)"
-    return None
-
-
-@_dispatch.refuses_when(_refuse_pgd)
-def pgd_step(delta, grad, step_size, radius, norm="l2", normalize=True, model_input_base=None):
-    """Triton kernels behind fastat.pgd_step (same signature as the reference)."""
-    step, step_s = coef_pair(step_size)
-    rad, rad_s = coef_pair(radius)
-    out, xout = pgd_step_op(delta, grad, model_input_base, step, step_s, rad, rad_s, norm == "l2", bool(normalize))
-    return out if model_input_base is None else (out, xout)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,7 +174,8 @@ def pgd_step(delta, grad, step_size, radius, norm="l2", normalize=True, model_in
 
 @triton.jit
 def _randn_sumsq_kernel(
-    seed_ptr, partials, B, D, chunk, nsplit, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    seed_ptr, partials, B, D, C, S, chunk, nsplit,
+    CHANNELS_LAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     part = pid % nsplit
@@ -202,25 +185,30 @@ def _randn_sumsq_kernel(
     for start in range(0, chunk, BLOCK_D):
         cols = part * chunk + start + tl.arange(0, BLOCK_D).to(tl.int64)[None, :]
         mask = (rows < B) & (cols < D)
-        n = tl.randn(seed, rows * D + cols)
+        n = tl.randn(seed, tu.logical_index(rows, cols, D, C, S, CHANNELS_LAST))
         acc += tl.where(mask, n * n, 0.0)
     tl.store(partials + rows * nsplit + part, tl.sum(acc, axis=1)[:, None], mask=rows < B)
 
 
+tu.register_kernel(_randn_sumsq_kernel, pointers={"seed_ptr": "i64", "partials": "fp32"},
+                   constexprs={"CHANNELS_LAST": (False, True)})
+
+
 @triton.jit
 def _random_apply_kernel(
-    out, seed_ptr, partials, rad_ptr, rad_s, B, D, numel, inv_d, inv_sqrt_d, nsplit, n_col_blocks,
-    RAD_T: tl.constexpr, L2: tl.constexpr, NORMAL: tl.constexpr, NSPLIT_P2: tl.constexpr,
+    out, seed_ptr, partials, rad_ptr, rad_s, B, D, C, S, numel, inv_d, inv_sqrt_d, nsplit, n_col_blocks,
+    RAD_T: tl.constexpr, L2: tl.constexpr, NORMAL: tl.constexpr, CHANNELS_LAST: tl.constexpr, NSPLIT_P2: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows, cols, mask = tu.tile_index(pid, n_col_blocks, B, D, BLOCK_B, BLOCK_D)
     offs = rows * D + cols
+    draw = tu.logical_index(rows, cols, D, C, S, CHANNELS_LAST)
     seed = tl.load(seed_ptr)
     radius = tu.row_coef(rad_ptr, rad_s, rows, rows < B, RAD_T)
     if L2:
         norm = tl.maximum(tl.sqrt(_row_total(partials, 0, rows, B, nsplit, NSPLIT_P2)), 1e-8)
-        n = tl.randn(seed, offs)
+        n = tl.randn(seed, draw)
         if NORMAL:  # N(0, (R/sqrt(D))^2) projected on the ball of radius R
             s = radius * inv_sqrt_d
             value = n * s * tl.minimum(radius / tl.maximum(norm * s, 1e-8), 1.0)
@@ -229,56 +217,40 @@ def _random_apply_kernel(
             value = n * (radius * tl.exp(tl.log(u) * inv_d) / norm)
     else:
         if NORMAL:
-            value = tl.minimum(tl.maximum(tl.randn(seed, offs) * radius, -radius), radius)
+            value = tl.minimum(tl.maximum(tl.randn(seed, draw) * radius, -radius), radius)
         else:
-            value = (2.0 * tl.rand(seed, offs) - 1.0) * radius
+            value = (2.0 * tl.rand(seed, draw) - 1.0) * radius
     value = tl.where(mask, value, 0.0)  # padding lanes may hold n / 1e-8: keep them out of the cast
     tl.store(out + offs, value.to(out.dtype.element_ty), mask=mask)
 
 
-def _fake_random(like, seed, radius, radius_s, l2, normal, dtype):
-    return tu.output_like(like, dtype)
+tu.register_kernel(
+    _random_apply_kernel,
+    pointers={"out": None, "seed_ptr": "i64", "partials": "fp32", "rad_ptr": "fp32"},
+    constexprs={"RAD_T": (False, True), "L2": (False, True), "NORMAL": (False, True), "CHANNELS_LAST": (False, True),
+                "NSPLIT_P2": (1, 2, 4, 8, 16, 32, 64)},
+    scalars={"rad_s": "fp32", "numel": "i64", "inv_d": "fp32", "inv_sqrt_d": "fp32"},
+)
 
 
-@torch.library.custom_op("fastat::random_perturbation", mutates_args=())
-def random_perturbation_op(
-    like: torch.Tensor, seed: torch.Tensor, radius: Optional[torch.Tensor], radius_s: float,
-    l2: bool, normal: bool, dtype: torch.dtype,
-) -> torch.Tensor:
-    """A random start shaped like `like` from the int64 seed held in the 1-element tensor `seed`."""
-    out = tu.output_like(like, dtype)
+def random_perturbation(like, seed, radius, radius_s, l2, normal, dtype):
+    """fastat::random_perturbation on the Triton backend."""
+    out = torch.empty_like(like, dtype=dtype, memory_format=noise_layout(like))
     if out.numel() == 0:
         return out
     batch, numel = tu.batch_numel(out)
+    c, s, cl = tu.channels(out, is_channels_last(out))
     nsplit = 1
     partials = out  # unused unless l2
     if l2:
         rgrid, rbb, rbd, rwarps, nsplit, chunk = tu.reduction_grid(batch, numel, out.device)
         partials = torch.empty((1, batch, nsplit), dtype=torch.float32, device=out.device)
-        _randn_sumsq_kernel[rgrid](seed, partials, batch, numel, chunk, nsplit, BLOCK_B=rbb, BLOCK_D=rbd, num_warps=rwarps)
+        tu.launch(_randn_sumsq_kernel, rgrid, (seed, partials, batch, numel, c, s, chunk, nsplit),
+                  dict(CHANNELS_LAST=cl, BLOCK_B=rbb, BLOCK_D=rbd, num_warps=rwarps))
     grid, bb, bd, warps, n_col = tu.launch_grid(batch, numel)
-    _random_apply_kernel[grid](
-        out, seed, partials, out if radius is None else radius, radius_s, batch, numel, out.numel(),
+    tu.launch(_random_apply_kernel, grid, (
+        out, seed, partials, out if radius is None else radius, radius_s, batch, numel, c, s, out.numel(),
         1.0 / numel, numel ** -0.5, nsplit, n_col,
-        RAD_T=radius is not None, L2=l2, NORMAL=normal, NSPLIT_P2=tu.next_pow2(nsplit),
-        BLOCK_B=bb, BLOCK_D=bd, num_warps=warps,
-    )
+    ), dict(RAD_T=radius is not None, L2=l2, NORMAL=normal, CHANNELS_LAST=cl, NSPLIT_P2=tu.next_pow2(nsplit),
+            BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
     return out
-
-
-random_perturbation_op.register_fake(_fake_random)
-
-
-def draw_seed(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """A 1-element int64 seed drawn on `device` (from `generator` if given): no host round trip."""
-    return torch.randint(0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64)
-
-
-def random_perturbation(like, radius, norm="l2", init="uniform", generator=None, dtype=None):
-    """Triton kernels behind fastat.random_perturbation (same signature as the reference)."""
-    dtype = dtype or like.dtype
-    if init == "zero":
-        return torch.zeros_like(like, dtype=dtype)
-    rad, rad_s = coef_pair(radius)
-    seed = draw_seed(generator, like.device)
-    return random_perturbation_op(like, seed, rad, rad_s, norm == "l2", init == "normal", dtype)
