@@ -74,7 +74,8 @@ TARGETS = {
 
 # Op-benchmark plan: (shape name, shape, dtype, cases also timed under torch.compile), in order of importance.
 # Every case runs on eager, triton and cuda; torch.compile costs seconds of compilation per (case, shape), so it is
-# timed where ANCHORS.md has compiled baselines (the chain and the single ops at CIFAR and 512x512).
+# timed where docs/design.md ("Reference numbers on a GPU") has compiled H100 baselines (the chain and single ops at CIFAR
+# and 512x512).
 COMPILED = ("noisy_input", "pgd_step_l2", "pgd_step_linf", "equivariant_mse", "chain")
 OPS_PLAN = [
     ("cifar", (128, 3, 32, 32), "float32", COMPILED),

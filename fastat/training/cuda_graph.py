@@ -1,6 +1,6 @@
 """`GraphedStep`: capture a whole AT training step (attack passes, loss, backward, optimizer step) in
 one CUDA graph and replay it, removing the per-kernel launch and autograd overhead that dominates
-small-model AT steps (ANCHORS §1: the op chain is launch-bound at every size).
+small-model AT steps (the op chain is launch-bound at every size: docs/design.md, "Reference numbers on a GPU").
 
 Requirements (the usual whole-network capture rules, torch.cuda.graphs):
 - static shapes; inputs are copied into static buffers on each call;
