@@ -109,8 +109,11 @@ def _loss_fwd_kernel(
         tl.store(partials + rows * nsplit + part, total, mask=row_mask)
     if REDUCE or not ROWS_WHOLE:
         # The last program to finish sums up (deterministic: a fixed order, no float atomics) and resets the
-        # counter for the next launch; the atomic (acq_rel) orders every program's stores before its read.
-        ticket = tl.atomic_add(counter, 1)
+        # counter for the next launch. A scalar atomic runs on one thread, and its release covers only what that
+        # thread has seen: the barrier first makes every warp's partial store part of it (semaphore pattern:
+        # CTA barrier, then a gpu-scope release by one thread; the acquire side is the last program's atomic).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if ticket == tl.num_programs(0) - 1:
             _finish(partials, per_sample, loss, w_ptr, w_s, B, nsplit, inv_d, huber_c, batch_scale,
                     W_T, METRIC, not ROWS_WHOLE, REDUCE, NSPLIT_P2, FIN_BLOCK)
