@@ -346,9 +346,80 @@ def _spec_or_value(value):
 _CUDA_LIB = {}
 
 
+def _record_cuda_call(name: str, arg_names, args) -> None:
+    record = Recorder.active
+    if record is not None:
+        record.consume(_tensors(args))
+        record.events.append({"kind": "cuda", "op": name, "args": dict(zip(arg_names, map(_spec_or_value, args))),
+                              "inside": record.stack[-1] if record.stack else None})
+
+
 @contextlib.contextmanager
 def mock_cuda_extension(recorder: "Recorder", bindings, namespace: str = "fastat_cuda") -> Iterator[None]:
     """Make fastat's CUDA backend loadable on this CPU machine: its ops record themselves into `recorder`."""
+    from fastat import _dispatch
+
+    if hasattr(_dispatch, "OPS") and hasattr(_dispatch, "BACKEND_LIBRARIES"):
+        with _mock_cuda_kernels(recorder):
+            yield
+        return
+    with _mock_cuda_library(recorder, bindings, namespace):
+        yield
+
+
+@contextlib.contextmanager
+def _mock_cuda_kernels(recorder: "Recorder") -> Iterator[None]:
+    """fastat's operators are defined in Python (fastat._dispatch.OpDef) and the CUDA library only registers
+    kernels for them: register a CPU kernel for each fastat_cuda::<op> that records the call and returns the
+    op's fake outputs, and make the backend count as available for CPU tensors."""
+    from fastat import _backend, _dispatch, _ext
+
+    library = _dispatch.BACKEND_LIBRARIES["cuda"]
+    if "cuda" not in _CUDA_LIB:
+        for name, op in list(_dispatch.OPS.items()):
+            arg_names = [a.name for a in torch._C.parse_schema(f"x::{name}{op.schema}").arguments]
+
+            def impl(*args, _name=name, _arg_names=arg_names, _fake=op.fake):
+                _record_cuda_call(_name, _arg_names, args)
+                return _fake(*args)
+
+            library.impl(name, impl, "CPU")
+        _CUDA_LIB["cuda"] = library
+    import dataclasses
+
+    saved = (dict(_ext._loaded), _backend.device_refusal, getattr(_dispatch, "device_refusal", None), _backend._cuda_available)
+    real_refusal = saved[1]
+    supports = {name: dict(op.support) for name, op in _dispatch.OPS.items()}
+    for op in _dispatch.OPS.values():  # the kernels run on CPU tensors here (they are recorded, not run)
+        if "cuda" in op.support:
+            op.support["cuda"] = dataclasses.replace(op.support["cuda"], devices=tuple(op.support["cuda"].devices) + ("cpu",))
+    _ext._loaded["cuda"] = "recorded by the kernel audit (no GPU)"
+    refusal = lambda b, device_type: None if b == "cuda" else real_refusal(b, device_type)  # noqa: E731
+    _backend.device_refusal = refusal
+    if saved[2] is not None:
+        _dispatch.device_refusal = refusal
+    _backend._cuda_available = lambda: True
+    _backend.forget()
+    Recorder.active = recorder
+    try:
+        yield
+    finally:
+        Recorder.active = None
+        _ext._loaded.clear()
+        _ext._loaded.update(saved[0])
+        _backend.device_refusal, _backend._cuda_available = saved[1], saved[3]
+        for name, support in supports.items():
+            _dispatch.OPS[name].support.clear()
+            _dispatch.OPS[name].support.update(support)
+        if saved[2] is not None:
+            _dispatch.device_refusal = saved[2]
+        _backend.forget()
+
+
+@contextlib.contextmanager
+def _mock_cuda_library(recorder: "Recorder", bindings, namespace: str) -> Iterator[None]:
+    """The CUDA library defines its own schemas (csrc/cuda/bindings.cpp m.def): define them here with a CPU kernel
+    that records the call and returns the fake outputs registered by fastat's Python glue."""
     from torch._library.simple_registry import singleton
 
     from fastat import _backend, _dispatch, _ext
@@ -360,11 +431,7 @@ def mock_cuda_extension(recorder: "Recorder", bindings, namespace: str = "fastat
             arg_names = [a.name for a in torch._C.parse_schema(f"{namespace}::{schema}").arguments]
 
             def impl(*args, _name=name, _arg_names=arg_names):
-                record = recorder.active
-                if record is not None:
-                    record.consume(_tensors(args))
-                    record.events.append({"kind": "cuda", "op": _name, "args": dict(zip(_arg_names, map(_spec_or_value, args))),
-                                          "inside": record.stack[-1] if record.stack else None})
+                _record_cuda_call(_name, _arg_names, args)
                 fake = singleton.find(f"{namespace}::{_name}").fake_impl.kernel
                 if fake is None:
                     raise RuntimeError(f"{namespace}::{_name} has no fake implementation to shape its outputs")
