@@ -163,7 +163,7 @@ def build_row(c: Dict[str, Any], variants: Dict[str, Any], cuda_kernels: Dict[st
                 host_reads += 1
     row.update(model.summarize(c["case"], numel, shape[0], elt, c["bench_multiple"], launches, host_reads))
     row["kernels"] = [{k: v for k, v in l.items() if k in ("kind", "name", "blocks", "threads", "registers", "read", "write",
-                                                             "serial", "parallelism", "variant", "streams", "vector")}
+                                                             "serial", "parallelism", "variant", "streams", "vector", "origin")}
                       | {"est_us": round(l["est_us"], 2)} for l in launches]
     return row
 

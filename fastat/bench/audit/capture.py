@@ -72,6 +72,29 @@ def _tensors(tree) -> List[torch.Tensor]:
     return out
 
 
+_FASTAT_DIR = None
+
+
+def _from_fastat() -> bool:
+    """Whether fastat's own code (not the benchmark case or autograd's seed) is on the Python stack."""
+    global _FASTAT_DIR
+    import os
+    import sys
+
+    if _FASTAT_DIR is None:
+        import fastat
+
+        _FASTAT_DIR = os.path.dirname(os.path.abspath(fastat.__file__))
+    bench = os.path.join(_FASTAT_DIR, "bench")
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(_FASTAT_DIR) and not name.startswith(bench):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _storage_key(t: torch.Tensor) -> int:
     try:
         return t.untyped_storage().data_ptr()
@@ -121,7 +144,8 @@ class Recorder(TorchDispatchMode):
         index = len(self.events)
         in_keys = {_storage_key(t) for t in inputs}
         event: Dict[str, Any] = {"kind": "torch", "op": f"aten.{name}.{func._overloadname}",
-                                 "inside": self.stack[-1] if self.stack else None}
+                                 "inside": self.stack[-1] if self.stack else None,
+                                 "origin": "fastat" if self.stack or _from_fastat() else "caller"}
         host_inputs = [t for t in inputs if _storage_key(t) in self.host and t.numel() > 1]
         device_inputs = [t for t in inputs if _storage_key(t) not in self.host]
         factory_on_host = not inputs and kwargs.get("device") is None and name not in NO_KERNEL
@@ -374,8 +398,11 @@ def _mock_cuda_kernels(recorder: "Recorder") -> Iterator[None]:
     op's fake outputs, and make the backend count as available for CPU tensors."""
     from fastat import _backend, _dispatch, _ext
 
+    import types
+
     library = _dispatch.BACKEND_LIBRARIES["cuda"]
     if "cuda" not in _CUDA_LIB:
+        entries = {}
         for name, op in list(_dispatch.OPS.items()):
             arg_names = [a.name for a in torch._C.parse_schema(f"x::{name}{op.schema}").arguments]
 
@@ -384,7 +411,11 @@ def _mock_cuda_kernels(recorder: "Recorder") -> Iterator[None]:
                 return _fake(*args)
 
             library.impl(name, impl, "CPU")
-        _CUDA_LIB["cuda"] = library
+            entries[name] = impl
+        _CUDA_LIB["cuda"] = types.SimpleNamespace(**entries)  # the direct Python entries of a loaded library
+    saved_modules = dict(getattr(_ext, "_modules", {}))
+    if hasattr(_ext, "_modules"):
+        _ext._modules["cuda"] = _CUDA_LIB["cuda"]
     import dataclasses
 
     saved = (dict(_ext._loaded), _backend.device_refusal, getattr(_dispatch, "device_refusal", None), _backend._cuda_available)
@@ -407,6 +438,9 @@ def _mock_cuda_kernels(recorder: "Recorder") -> Iterator[None]:
         Recorder.active = None
         _ext._loaded.clear()
         _ext._loaded.update(saved[0])
+        if hasattr(_ext, "_modules"):
+            _ext._modules.clear()
+            _ext._modules.update(saved_modules)
         _backend.device_refusal, _backend._cuda_available = saved[1], saved[3]
         for name, support in supports.items():
             _dispatch.OPS[name].support.clear()

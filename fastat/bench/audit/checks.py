@@ -119,5 +119,22 @@ def launches_and_bytes(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     return [_result("launches", launch_failures, checked), _result("bytes", byte_failures, checked)]
 
 
+def cuda_model_names(result: Dict[str, Any]) -> Dict[str, Any]:
+    """Every kernel the CUDA launch model (cuda_model.py) names exists among the kernels nvcc compiled: a renamed or
+    retemplated functor must be followed in the model, or the audit would read nothing for it."""
+    failures, checked = [], set()
+    if not result.get("cuda_kernels"):
+        return _result("cuda_model", [], 0)
+    for row in result["rows"]:
+        for launch in row.get("kernels", []):
+            name = launch["name"]
+            if launch["kind"] != "cuda" or "<" not in name or name in checked:
+                continue
+            checked.add(name)
+            if name not in result["cuda_kernels"]:
+                failures.append(f"{name} (modelled for {row['case']}/{row['shape_name']}) is not among the compiled kernels")
+    return _result("cuda_model", failures, len(checked))
+
+
 def run_all(result: Dict[str, Any]) -> List[Dict[str, Any]]:
-    return [no_spills(result), vector_128(result)] + launches_and_bytes(result)
+    return [no_spills(result), vector_128(result), cuda_model_names(result)] + launches_and_bytes(result)

@@ -10,7 +10,8 @@ Time model (an estimate; a GPU run replaces it with measured device time):
     f_k     = memory-level parallelism of launch k (Little's law): bytes the launch keeps in flight over the
               BW * LATENCY_NS bytes the roofline needs, capped at 1; in flight = resident threads x bytes one
               thread moves per loop iteration, at most SM_INFLIGHT_KB per SM; resident threads from the grid,
-              the block size and the register count (65536 registers, 2048 threads, 32 blocks per SM)
+              the block size and the register count (65536 registers, 2048 threads, 32 blocks per SM). At least
+              the launch's share of the SMs (a block streams at least its SM's share of the bandwidth).
     serial  = dependent steps one thread walks (CUDA per-sample finalize: one thread per sample over its chunks)
 
 Floors (FLOOR): each op direction reads each input once and writes each output once, per-sample [B] vectors
@@ -69,7 +70,7 @@ def parallelism(blocks: int, threads: int, registers: Optional[int], bytes_per_t
     sms_used = min(SMS, blocks)
     inflight = min(resident * bytes_per_thread_iter, sms_used * SM_INFLIGHT_KB * 1024)
     needed = COPY_GBPS * 1e9 * LATENCY_NS * 1e-9
-    return max(min(1.0, inflight / needed), 1e-3)
+    return max(min(1.0, inflight / needed), sms_used / SMS)
 
 
 def launch_us(nbytes: int, f: float, serial: int = 0) -> float:
@@ -123,7 +124,7 @@ def torch_launch(event: Dict[str, Any]) -> Dict[str, Any]:
     nbytes = event.get("read", 0) + event.get("write", 0)
     return {"kind": "torch", "name": event["op"], "read": event.get("read", 0), "write": event.get("write", 0),
             "inside": event.get("inside"), "est_us": launch_us(nbytes, 1.0) + (H2D_US if event.get("h2d") else 0.0),
-            "h2d": event.get("h2d", 0)}
+            "h2d": event.get("h2d", 0), "origin": event.get("origin", "fastat")}
 
 
 def floor_bytes(case: str, numel: int, batch: int, elt: int) -> int:
@@ -133,8 +134,9 @@ def floor_bytes(case: str, numel: int, batch: int, elt: int) -> int:
 
 def summarize(case: str, numel: int, batch: int, elt: int, bench_multiple: int, launches: List[Dict[str, Any]],
               host_reads: int) -> Dict[str, Any]:
-    """Totals of one (case, shape, backend) row."""
-    moved = sum(l["read"] + l["write"] + l.get("h2d", 0) for l in launches)
+    """Totals of one (case, shape, backend) row. Launches and time count everything the call runs; bytes count
+    fastat's work only (not the caller's own ops, e.g. the benchmark's .sum() of a per-sample loss)."""
+    moved = sum(l["read"] + l["write"] + l.get("h2d", 0) for l in launches if l.get("origin", "fastat") == "fastat")
     floor = floor_bytes(case, numel, batch, elt)
     bench_bytes = bench_multiple * numel * elt
     t = sum(l["est_us"] for l in launches) + host_reads * SYNC_US
@@ -143,6 +145,7 @@ def summarize(case: str, numel: int, batch: int, elt: int, bench_multiple: int, 
     return {
         "launches": len(launches),
         "launches_by_kind": {k: sum(l["kind"] == k for l in launches) for k in ("triton", "cuda", "torch")},
+        "caller_launches": sum(l.get("origin", "fastat") != "fastat" for l in launches),
         "h2d_copies": sum(1 for l in launches if l.get("h2d")),
         "host_reads": host_reads,
         "bytes": moved, "floor_bytes": floor, "bytes_over_floor": round(moved / floor, 3) if floor else None,
