@@ -15,11 +15,11 @@ Time model (an estimate; a GPU run replaces it with measured device time):
     serial  = dependent steps one thread walks (CUDA per-sample finalize: one thread per sample over its chunks)
 
 Floors (FLOOR): each op direction reads each input once and writes each output once, per-sample [B] vectors
-included (at D = 2 they weigh as much as the data). For the losses the residual r is an output of the forward
-and the input of the backward (the kernels store r instead of re-reading a, b, c), so the fwd+bwd floor is
-7 N e for three inputs (5 N e for two); the bench's `bytes` (fastat.bench.ops) count only the API tensors
-(5 N e / 3 N e). The chain's floor is the sum of its ops' floors (14 N e; the bench's 7 N e counts a fully
-fused step). `est_pct_of_floor` = floor time / t; `est_pct_of_copy` = bench bytes / BW / t,
+included (at D = 2 they weigh as much as the data). For the losses the residual r (fp32) is an output of the
+forward and the input of the backward (the kernels store r instead of re-reading a, b, c), so the fwd+bwd floor
+is 5 N e + 2 N * 4 for three inputs (3 N e + 2 N * 4 for two); the bench's `bytes` (fastat.bench.ops) count only
+the API tensors (5 N e / 3 N e). The chain's floor is the sum of its ops' floors (12 N e + 2 N * 4; the bench's
+7 N e counts a fully fused step). `est_pct_of_floor` = floor time / t; `est_pct_of_copy` = bench bytes / BW / t,
 the same quantity as the bench's measured `device_pct_of_copy`.
 """
 from __future__ import annotations
@@ -40,16 +40,18 @@ REGS_PER_SM, THREADS_PER_SM, BLOCKS_PER_SM = 65536, 2048, 32
 CONSTANTS = {"sms": SMS, "copy_gbps": COPY_GBPS, "launch_us": LAUNCH_US, "latency_ns": LATENCY_NS,
              "sm_inflight_kb": SM_INFLIGHT_KB, "serial_step_ns": T_STEP_NS, "h2d_us": H2D_US, "host_read_us": SYNC_US}
 
-# Floor of each audited case: (multiple of N * e for the [B, D] tensors, fp32 [B] vectors, int64 [B] vectors).
+# Floor of each audited case: (multiple of N * e for the [B, D] data tensors, multiple of N * a for the loss
+# residual, fp32 [B] vectors, int64 [B] vectors); e = the data's element size, a = the accumulation dtype's (the
+# residual is stored in fp32, fp64 for fp64 data, so each low-precision gradient is rounded once).
 #   noisy_input   x0, noise, delta -> x_t; alpha, sigma                        q_sample: timesteps instead
 #   pgd_step      delta, grad -> delta' (scalar step and radius in the bench)    random_perturbation: -> delta
 #   losses        fwd: inputs -> residual, loss [B] (+ sigma [B] for P1); bwd: residual, grad_loss [B] (+ sigma,
 #                 + loss for pseudo-Huber) -> gradients
 #   chain         noisy_input + equivariant_mse fwd/bwd + the loss's sum over the batch + pgd_step
 FLOOR = {
-    "noisy_input": (4, 2, 0), "q_sample": (4, 0, 1), "pgd_step_l2": (3, 0, 0), "pgd_step_linf": (3, 0, 0),
-    "random_perturbation": (1, 0, 0), "equivariant_mse": (4 + 3, 4, 0), "equivariance_regularizer": (4 + 3, 2, 0),
-    "consistency_distance": (3 + 2, 3, 0), "chain": (4 + (4 + 3) + 3, 2 + 4 + 1, 0),
+    "noisy_input": (4, 0, 2, 0), "q_sample": (4, 0, 0, 1), "pgd_step_l2": (3, 0, 0, 0), "pgd_step_linf": (3, 0, 0, 0),
+    "random_perturbation": (1, 0, 0, 0), "equivariant_mse": (3 + 2, 2, 4, 0), "equivariance_regularizer": (3 + 2, 2, 2, 0),
+    "consistency_distance": (2 + 1, 2, 3, 0), "chain": (4 + (3 + 2) + 3, 2, 2 + 4 + 1, 0),
 }
 # Launches of a case with one kernel per op direction (the launch-bound floor).
 MIN_LAUNCHES = {"noisy_input": 1, "q_sample": 1, "pgd_step_l2": 1, "pgd_step_linf": 1, "random_perturbation": 1,
@@ -128,8 +130,9 @@ def torch_launch(event: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def floor_bytes(case: str, numel: int, batch: int, elt: int) -> int:
-    data, fp32_vectors, int64_vectors = FLOOR[case]
-    return data * numel * elt + batch * (4 * fp32_vectors + 8 * int64_vectors)
+    data, residual, fp32_vectors, int64_vectors = FLOOR[case]
+    acc = 8 if elt == 8 else 4
+    return data * numel * elt + residual * numel * acc + batch * (4 * fp32_vectors + 8 * int64_vectors)
 
 
 def summarize(case: str, numel: int, batch: int, elt: int, bench_multiple: int, launches: List[Dict[str, Any]],
