@@ -124,6 +124,16 @@ def split(batch: int, numel: int, block_b: int, block_d: int, device: torch.devi
 
 SWEEP_MAX_D = 1 << 16  # pgd_step: samples up to this size are done in one launch (`sweep_programs`)
 SWEEP_L2_BYTES = 32 << 20  # bytes of samples a sweep keeps in flight: they must stay in L2 for the second read
+SWEEP_MIN_BATCH = 32  # fewer samples than this fill the GPU better split over programs (two passes)
+
+
+def use_sweep(batch: int, numel: int, device: torch.device) -> bool:
+    """Whether a per-sample step over samples larger than a tile takes the one-launch sweep (see `sweep_programs`):
+    samples of at most SWEEP_MAX_D elements and enough of them to fill the GPU one program per sample (always in
+    the interpreter, so its tests run the sweep; the override of `split` forces the two passes)."""
+    if _OVERRIDES["split"] is not None or numel > SWEEP_MAX_D:
+        return False
+    return gpu_sms(device) is None or batch >= SWEEP_MIN_BATCH
 
 
 def sweep_programs(batch: int, sample_bytes: int, device: torch.device) -> int:

@@ -309,19 +309,23 @@ def plan_for_gpu(sm_count: int) -> Iterator[None]:
 # One case.
 
 
-def capture_call(fn: Callable[[], Any], backend: str, host_tensors=(), sm_count: int = 132,
-                 cuda_bindings=None) -> List[Dict[str, Any]]:
-    """Events of one call of `fn` (fastat's public API) under `backend` ("triton" or "cuda").
+def capture_call(fn: Callable[[], Any], backend: str, host_tensors=(), sm_count: int = 132, cuda_bindings=None,
+                 warmup: bool = True) -> List[Dict[str, Any]]:
+    """Events of one call of `fn` (fastat's public API) under `backend` ("triton" or "cuda"), after one unrecorded
+    warm-up call (as a benchmark times: first-call work such as cached workspaces and tables is not per call).
     cuda_bindings: path of csrc/cuda/bindings.cpp (needed for backend "cuda": its op calls are recorded)."""
     from fastat._backend import use_backend
 
-    events: List[Dict[str, Any]] = []
-    recorder = Recorder(events, host_storages=[_storage_key(t) for t in host_tensors])
-    cuda = mock_cuda_extension(recorder, cuda_bindings) if backend == "cuda" else contextlib.nullcontext()
-    with plan_for_gpu(sm_count), record_triton_launches(recorder), cuda, use_backend(backend), recorder:
-        fn()
+    first = Recorder([], host_storages=[_storage_key(t) for t in host_tensors])
+    cuda = mock_cuda_extension(first, cuda_bindings) if backend == "cuda" else contextlib.nullcontext()
+    with plan_for_gpu(sm_count), cuda, use_backend(backend):
+        for recording in ([False] if warmup else []) + [True]:
+            recorder = Recorder([], host_storages=[_storage_key(t) for t in host_tensors]) if recording else first
+            Recorder.active = recorder
+            with record_triton_launches(recorder), recorder:
+                fn()
     recorder.tag_cpu_only()
-    return events
+    return recorder.events
 
 
 def summarize_events(events: List[Dict[str, Any]]) -> Dict[str, Any]:

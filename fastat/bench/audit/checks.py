@@ -4,34 +4,37 @@
     vector_128     aligned fp32/bf16 launches with D >= 64 (D a multiple of the 16-byte pack) move every
                    [B, D] tensor with 128-bit loads/stores (Triton: per argument in the PTX; CUDA: the vector
                    body of the instantiation has at least one LDG.128 / STG.128 per tensor it reads / writes)
-    launches       launches per call at most as documented in EXPECTED, per backend and case, at every shape
+    launches       fastat's launches per call (the caller's own ops aside) at most as documented in EXPECTED, per
+                   backend and case, at every shape
+    cuda_model     every kernel the CUDA launch model names was compiled by nvcc (the model follows the sources)
     bytes          bytes moved / floor at most as documented in EXPECTED
 """
 from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
-# Documented per (backend, case): (max launches per call, max bytes / floor) over the audited shapes.
-# The state of the kernels when the audit was introduced; lowered as defects are fixed (see the audit report).
+# Documented per (backend, case): (max launches of fastat's own per call -- the caller's ops, e.g. autograd's seed or
+# the benchmark's .sum(), not counted --, max bytes / floor) over the audited shapes. Lowered as kernels improve; the
+# audit report says why each remaining excess is there (report.MISS_REASONS).
 EXPECTED: Dict[Tuple[str, str], Tuple[int, float]] = {
-    ('triton', 'noisy_input'): (1, 1.0),
-    ('triton', 'q_sample'): (7, 3.21),
-    ('triton', 'pgd_step_l2'): (2, 1.67),
-    ('triton', 'pgd_step_linf'): (2, 1.34),
-    ('triton', 'random_perturbation'): (3, 2.0),
-    ('triton', 'equivariant_mse'): (9, 1.23),
-    ('triton', 'equivariance_regularizer'): (9, 1.25),
-    ('triton', 'consistency_distance'): (11, 1.31),
-    ('triton', 'chain'): (12, 1.22),
-    ('cuda', 'noisy_input'): (1, 1.0),
-    ('cuda', 'q_sample'): (7, 3.21),
-    ('cuda', 'pgd_step_l2'): (3, 3.67),
-    ('cuda', 'pgd_step_linf'): (3, 1.34),
-    ('cuda', 'random_perturbation'): (4, 3.0),
-    ('cuda', 'equivariant_mse'): (6, 1.23),
-    ('cuda', 'equivariance_regularizer'): (6, 1.25),
-    ('cuda', 'consistency_distance'): (6, 1.31),
-    ('cuda', 'chain'): (10, 1.55),
+    ("triton", "noisy_input"): (1, 1.0),
+    ("triton", "q_sample"): (2, 1.41),
+    ("triton", "pgd_step_l2"): (2, 1.67),
+    ("triton", "pgd_step_linf"): (2, 1.34),
+    ("triton", "random_perturbation"): (3, 1.0),
+    ("triton", "equivariant_mse"): (2, 1.0),
+    ("triton", "equivariance_regularizer"): (2, 1.0),
+    ("triton", "consistency_distance"): (2, 1.0),
+    ("triton", "chain"): (5, 1.15),
+    ("cuda", "noisy_input"): (1, 1.0),
+    ("cuda", "q_sample"): (2, 1.41),
+    ("cuda", "pgd_step_l2"): (3, 1.67),
+    ("cuda", "pgd_step_linf"): (3, 1.0),
+    ("cuda", "random_perturbation"): (4, 1.01),
+    ("cuda", "equivariant_mse"): (3, 1.12),
+    ("cuda", "equivariance_regularizer"): (3, 1.13),
+    ("cuda", "consistency_distance"): (3, 1.16),
+    ("cuda", "chain"): (7, 1.15),
 }
 
 VECTOR_DTYPES = {"float32": 4, "bfloat16": 2}
@@ -112,8 +115,9 @@ def launches_and_bytes(result: Dict[str, Any]) -> List[Dict[str, Any]]:
         checked += 1
         max_launches, max_ratio = EXPECTED[key]
         where = f"{row['provider']} {row['case']} {row['shape_name']}"
-        if row["launches"] > max_launches:
-            launch_failures.append(f"{where}: {row['launches']} launches > documented {max_launches}")
+        own = row["launches"] - row.get("caller_launches", 0)
+        if own > max_launches:
+            launch_failures.append(f"{where}: {own} launches of fastat's own > documented {max_launches}")
         if row["bytes_over_floor"] is not None and round(row["bytes_over_floor"], 2) > max_ratio + 1e-9:
             byte_failures.append(f"{where}: bytes/floor {row['bytes_over_floor']} > documented {max_ratio}")
     return [_result("launches", launch_failures, checked), _result("bytes", byte_failures, checked)]

@@ -92,19 +92,24 @@ MISS_REASONS = {
     "pgd_step_l2": "samples over 64K elements (pixel512: 786K, flat16m: 16M) take two passes, statistics then update: "
                    "delta and grad are read twice (5/3 of the floor). One DRAM pass needs each sample on chip or in L2 "
                    "between the passes; 32 bf16 samples of 786K elements (delta + grad: 100 MB) or one of 16M fp32 (128 MB) "
-                   "exceed the 50 MB L2. Up to 64K elements per sample the step is one launch at the floor (sweep).",
+                   "exceed the 50 MB L2. Up to 64K elements per sample the step is one launch at the floor (sweep kernels).",
     "pgd_step_linf": "samples over 64K elements: Triton reads grad twice (a non-finite check, then the step); CUDA "
                      "zero-fills a flag per sample and restores flagged samples (3 launches, bytes at the floor).",
     "random_perturbation": "the L2 ball over 64K-element samples: a norm pass then the draw pass, each generating the "
-                           "normals (Philox, ~140 instructions per element: compute-bound, not bytes).",
-    "q_sample": "the schedule table lives on the host: alpha_sigma gathers and converts the [B] coefficients in 6 small "
-                "kernels and one host-to-device copy per call (launch-bound, and at D = 2 as many bytes as the data).",
-    "chain": "the AT inner step is 4 op directions, but autograd adds the seed of torch.autograd.grad (a fill kernel) and "
-             "the loss's batch sum needs a fixed-order finishing kernel (no atomics): 6 launches at best; over 64K "
-             "elements per sample the pgd_step adds its reduction pass (and CUDA its finalize).",
-    "losses": "the losses store the residual r (inputs + residual, then residual + gradients: 7 N e for three inputs) "
-              "instead of re-reading the inputs in the backward (8 N e); the bench's bytes count only the API tensors "
-              "(5 N e), so its % of copy tops at 5/7.",
+                           "normals (Philox, ~140 instructions per element: compute, not bytes); up to 64K one launch.",
+    "q_sample": "one index_select gathers the [2, B] (sqrt(abar), sqrt(1 - abar)) pair from the device-side table "
+                "(cached after the first call) and the kernel reads it back: a second launch, and at D = 2, where [B] "
+                "vectors weigh as much as the data, 1.4x the floor. Gathering in the kernel would remove both.",
+    "chain": "with noisy_input as its own op the AT inner step is 4 op directions, and autograd adds the seed of "
+             "torch.autograd.grad (ones_like, a fill kernel the API cannot avoid): 5 launches at best (Triton at 128x3x32x32 "
+             "and 65536x2). Over 64K elements per sample pgd_step adds its reduction pass; CUDA's loss forward is tile "
+             "reduction + finalize (its batch sum over 65536 samples runs in one block: the largest CUDA cost at D = 2). "
+             "bytes/floor 1.12-1.14 at the large shapes is pgd_step's second read.",
+    "losses": "the residual is stored in fp32 (each low-precision gradient rounded once, as the reference): at bf16 the "
+              "forward and backward move 18 bytes per element where the bench counts 10 (API tensors only), so the bench-"
+              "basis % of copy tops near 56% at pixel512 while the op-floor basis is at 1.00. CUDA at D = 2: the tile "
+              "reduction writes one partial per sample that the finalize reads back (+11-15% bytes); Triton finishes whole "
+              "samples inside the tile.",
 }
 
 
@@ -183,6 +188,9 @@ def markdown(result: Dict[str, Any]) -> str:
     if result.get("validation"):
         v = result["validation"]
         out += ["", "## AOT compilation against the GPU runtime's kernels", "", v["summary"], ""] + v.get("lines", [])
+    else:
+        out += ["", "The ahead-of-time compilation is checked against a GPU run's own kernels with `--gpu-archive` "
+                "(benchmarks/results/kernel-audit-validation.md: the first H200 run)."]
     return "\n".join(out) + "\n"
 
 

@@ -98,8 +98,7 @@ def against_archive(folder: str, kernels: List[Dict[str, Any]], archive_ptx: Opt
         lines.append(f"| {k['kernel']} | {k['variant'][:8]} | {k['uses'][0]} | {how} | {'yes' if widths_ok else 'NO'} | "
                      f"{regs} | {runtime_regs} |")
     found = identical if archive_ptx is not None else sum("same fingerprint" in l for l in lines)
-    summary = (f"Archive: {len(runtime)} kernels compiled by the GPU runtime (triton {', '.join(versions)}) for the tests "
-               f"and benchmarks of that run. "
+    summary = (f"Archive: {len(runtime)} kernels compiled by the GPU runtime (triton {', '.join(versions)}). "
                + (f"{identical} of the {len(kernels)} audit variants, compiled ahead of time with that Triton version from the "
                   f"recorded launches, have PTX code identical to one of them (the same specialisation: alignment, "
                   f"divisibility, constants, tile). " if archive_ptx is not None else

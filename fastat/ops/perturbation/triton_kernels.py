@@ -6,18 +6,22 @@ pgd_step, L2 (normalize=True):
     pass 2 (elementwise): c = step / max(||g||, 1e-8) (c = step if normalize=False),
         ||delta + c g||^2 = ||delta||^2 + 2c<delta,g> + c^2||g||^2  ->  scale = min(1, R / max(||.||, 1e-8)),
         delta' = (delta + c g) * scale; a sample with any non-finite g keeps delta' = delta.
-    When a whole sample fits in one tile (D <= 4096 on a GPU) both passes are one kernel.
 Linf: pass 1 only counts non-finite g; pass 2 is delta' = clamp(delta + step * sign(g), -R, R).
 Optional `model_input_base`: pass 2 also writes base + delta' (the next model input) in the same pass.
-
-Bytes (N = B*D elements, s = element size): L2 reads delta and g twice and writes delta' once (5 N s;
-3 N s fused), plus 2 N s with a base; Linf reads g, then delta and g, and writes delta' (4 N s; 3 N s fused).
+Launches, by elements per sample D (GPU tiles of 4096):
+    D <= 4096       one kernel: the tile holds whole samples (flat tiles of whole consecutive samples for D <= 16)
+    D <= SWEEP_MAX_D one kernel for batches of SWEEP_MIN_BATCH or more: each program sweeps one sample twice
+                    (statistics, then the update); the grid keeps at most SWEEP_L2_BYTES of samples in flight, so
+                    the second sweep reads from L2
+    larger          pass 1 on a persistent grid (about two programs per SM), then pass 2
+Bytes (N = B*D elements, s = element size): 3 N s (2 N s more with a base) up to SWEEP_MAX_D; beyond, L2 reads
+delta and g twice (5 N s) and Linf reads g twice (4 N s).
 
 random_perturbation: the values from tl.rand/tl.randn at each element's logical index (so they do not depend
 on the memory layout) from the seed held in a device tensor. Box / Linf-normal: one pass. L2 ball (uniform:
 Gaussian direction times R * U^(1/D), U = tl.rand(seed, B*D + b); normal: N(0, (R/sqrt(D))^2) projected on the
-ball): a reduction pass for ||n||^2 per sample, then the noise is regenerated and written once. The same draws
-as the CUDA and CPU kernels and as reference.random_perturbation.
+ball): a reduction pass for ||n||^2 per sample (none when a tile holds whole samples), then the noise is
+regenerated and written once. The same draws as the CUDA and CPU kernels and as reference.random_perturbation.
 """
 from __future__ import annotations
 
@@ -211,7 +215,7 @@ def pgd_step(delta, grad, base, step_size, radius, step_size_s, radius_s, l2, no
     fused = n_col == 1 and tu._OVERRIDES["split"] is None
     coefs = (delta if step_size is None else step_size, step_size_s, delta if radius is None else radius, radius_s)
     flags = dict(STEP_T=step_size is not None, RAD_T=radius is not None, L2=l2, NORMALIZE=normalize, HAS_BASE=base is not None)
-    if not fused and numel <= tu.SWEEP_MAX_D and tu._OVERRIDES["split"] is None:
+    if not fused and tu.use_sweep(batch, numel, delta.device):
         sample_bytes = numel * sum(t.element_size() for t in (delta, grad, base) if t is not None)
         tu.launch(_pgd_sweep_kernel, (tu.sweep_programs(batch, sample_bytes, delta.device),), (
             delta, grad, delta if base is None else base, out, out if base is None else xout, *coefs, batch, numel,
