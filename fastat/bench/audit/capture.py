@@ -16,7 +16,6 @@ Value checks that fastat runs only on CPU tensors (`fastat._checks.values_checka
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -278,46 +277,26 @@ def _is_constexpr_param(fn, name: str) -> bool:
 
 @contextlib.contextmanager
 def plan_for_gpu(sm_count: int) -> Iterator[None]:
-    """Make fastat's Triton glue choose tiles, warps and reduction splits as it would on a GPU with
-    `sm_count` SMs, while the kernels are recorded under the interpreter."""
+    """Make fastat's Triton glue choose tiles, warps and reduction grids as it would on a GPU with `sm_count` SMs
+    (fastat._triton_utils.plan_for_device), while the kernels are recorded under the interpreter."""
     from fastat import _triton_utils as tu
 
-    hook = getattr(tu, "plan_for_device", None)
-    if hook is not None:  # the glue's own hook, when it has one
-        with hook(sm_count=sm_count, interpreting=False):
-            yield
-        return
-    saved = {name: getattr(tu, name) for name in ("triton_interpreting", "_sm_count", "split") if hasattr(tu, name)}
-    saved_flag = getattr(tu, "INTERPRETING", None)
-    original_split = saved.get("split")
-    try:
-        tu.triton_interpreting = lambda: False
-        tu._sm_count = lambda device: sm_count
-        if saved_flag is not None:
-            tu.INTERPRETING = False
-        if original_split is not None:
-            tu.split = lambda batch, numel, bb, bd, device: original_split(batch, numel, bb, bd, torch.device("cuda", 0))
+    with tu.plan_for_device(sm_count=sm_count, interpreting=False):
         yield
-    finally:
-        for name, value in saved.items():
-            setattr(tu, name, value)
-        if saved_flag is not None:
-            tu.INTERPRETING = saved_flag
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # One case.
 
 
-def capture_call(fn: Callable[[], Any], backend: str, host_tensors=(), sm_count: int = 132, cuda_bindings=None,
+def capture_call(fn: Callable[[], Any], backend: str, host_tensors=(), sm_count: int = 132,
                  warmup: bool = True) -> List[Dict[str, Any]]:
     """Events of one call of `fn` (fastat's public API) under `backend` ("triton" or "cuda"), after one unrecorded
-    warm-up call (as a benchmark times: first-call work such as cached workspaces and tables is not per call).
-    cuda_bindings: path of csrc/cuda/bindings.cpp (needed for backend "cuda": its op calls are recorded)."""
+    warm-up call (as a benchmark times: first-call work such as cached workspaces and tables is not per call)."""
     from fastat._backend import use_backend
 
     first = Recorder([], host_storages=[_storage_key(t) for t in host_tensors])
-    cuda = mock_cuda_extension(first, cuda_bindings) if backend == "cuda" else contextlib.nullcontext()
+    cuda = mock_cuda_kernels(first) if backend == "cuda" else contextlib.nullcontext()
     with plan_for_gpu(sm_count), cuda, use_backend(backend):
         for recording in ([False] if warmup else []) + [True]:
             recorder = Recorder([], host_storages=[_storage_key(t) for t in host_tensors]) if recording else first
@@ -328,37 +307,10 @@ def capture_call(fn: Callable[[], Any], backend: str, host_tensors=(), sm_count:
     return recorder.events
 
 
-def summarize_events(events: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Counts of what the GPU would run: Triton launches, torch kernels, host reads, host-to-device copies."""
-    gpu = [e for e in events if not e.get("cpu_only")]
-    return {
-        "triton": sum(e["kind"] == "triton" for e in gpu),
-        "torch_kernels": sum(e.get("role") == "kernel" for e in gpu),
-        "host_reads": sum(e.get("role") == "host_read" for e in gpu),
-        "h2d_copies": sum(1 for e in gpu if e.get("h2d")),
-        "cpu_only_checks": sum(1 for e in events if e.get("cpu_only")),
-    }
-
-
-def numel(shape) -> int:
-    return int(math.prod(shape))
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# The CUDA backend without a GPU: its ops are defined from the schemas in csrc/cuda/bindings.cpp with a CPU
-# implementation that records the call (expanded later by `cuda_model`) and returns the op's fake outputs.
-
-
-def cuda_schemas(bindings) -> Dict[str, str]:
-    """{op name: schema} of every `m.def("...")` in the CUDA bindings (string literals joined)."""
-    import re
-
-    text = open(bindings).read()
-    out = {}
-    for m in re.finditer(r"m\.def\(\s*((?:\"[^\"]*\"\s*)+)\)", text):
-        schema = "".join(re.findall(r"\"([^\"]*)\"", m.group(1)))
-        out[schema.split("(", 1)[0].strip()] = schema
-    return out
+# The CUDA backend without a GPU: fastat's operators are defined in Python (fastat._dispatch.OpDef) and the CUDA library
+# only registers kernels for them; here each fastat_cuda::<op> gets a CPU kernel that records the call (expanded later
+# by `cuda_model`) and returns the op's fake outputs.
 
 
 def _spec_or_value(value):
@@ -383,23 +335,9 @@ def _record_cuda_call(name: str, arg_names, args) -> None:
 
 
 @contextlib.contextmanager
-def mock_cuda_extension(recorder: "Recorder", bindings, namespace: str = "fastat_cuda") -> Iterator[None]:
-    """Make fastat's CUDA backend loadable on this CPU machine: its ops record themselves into `recorder`."""
-    from fastat import _dispatch
-
-    if hasattr(_dispatch, "OPS") and hasattr(_dispatch, "BACKEND_LIBRARIES"):
-        with _mock_cuda_kernels(recorder):
-            yield
-        return
-    with _mock_cuda_library(recorder, bindings, namespace):
-        yield
-
-
-@contextlib.contextmanager
-def _mock_cuda_kernels(recorder: "Recorder") -> Iterator[None]:
-    """fastat's operators are defined in Python (fastat._dispatch.OpDef) and the CUDA library only registers
-    kernels for them: register a CPU kernel for each fastat_cuda::<op> that records the call and returns the
-    op's fake outputs, and make the backend count as available for CPU tensors."""
+def mock_cuda_kernels(recorder: "Recorder") -> Iterator[None]:
+    """Register a CPU kernel for each fastat_cuda::<op> that records the call and returns the op's fake outputs, and
+    make the CUDA backend count as available for CPU tensors (its library is not loaded)."""
     from fastat import _backend, _dispatch, _ext
 
     import types
@@ -452,43 +390,3 @@ def _mock_cuda_kernels(recorder: "Recorder") -> Iterator[None]:
         if saved[2] is not None:
             _dispatch.device_refusal = saved[2]
         _backend.forget()
-
-
-@contextlib.contextmanager
-def _mock_cuda_library(recorder: "Recorder", bindings, namespace: str) -> Iterator[None]:
-    """The CUDA library defines its own schemas (csrc/cuda/bindings.cpp m.def): define them here with a CPU kernel
-    that records the call and returns the fake outputs registered by fastat's Python glue."""
-    from torch._library.simple_registry import singleton
-
-    from fastat import _backend, _dispatch, _ext
-
-    if namespace not in _CUDA_LIB:
-        lib = torch.library.Library(namespace, "DEF")
-        for name, schema in cuda_schemas(bindings).items():
-            lib.define(schema)
-            arg_names = [a.name for a in torch._C.parse_schema(f"{namespace}::{schema}").arguments]
-
-            def impl(*args, _name=name, _arg_names=arg_names):
-                _record_cuda_call(_name, _arg_names, args)
-                fake = singleton.find(f"{namespace}::{_name}").fake_impl.kernel
-                if fake is None:
-                    raise RuntimeError(f"{namespace}::{_name} has no fake implementation to shape its outputs")
-                return fake(*args)
-
-            lib.impl(name, impl, "CPU")
-        _CUDA_LIB[namespace] = lib
-    saved = (_ext.load, _dispatch.backend_status, _dispatch.device_refusal, _backend.backend_status, dict(_dispatch._STATUS))
-    real_load, real_status, real_refusal = saved[:3]
-    _ext.load = lambda kind: getattr(torch.ops, namespace) if kind == "cuda" else real_load(kind)
-    status = lambda b: (True, "recorded (no GPU)") if b == "cuda" else real_status(b)  # noqa: E731
-    _dispatch.backend_status = _backend.backend_status = status
-    _dispatch.device_refusal = lambda b, device_type: None if b == "cuda" else real_refusal(b, device_type)
-    _dispatch._STATUS.pop("cuda", None)
-    Recorder.active = recorder
-    try:
-        yield
-    finally:
-        Recorder.active = None
-        _ext.load, _dispatch.backend_status, _dispatch.device_refusal, _backend.backend_status = saved[:4]
-        _dispatch._STATUS.clear()
-        _dispatch._STATUS.update(saved[4])

@@ -38,7 +38,6 @@ EXPECTED: Dict[Tuple[str, str], Tuple[int, float]] = {
 }
 
 VECTOR_DTYPES = {"float32": 4, "bfloat16": 2}
-CPP_VECTOR_TYPES = {"float": 4, "BFloat16": 2}
 
 
 def _result(name: str, failures: List[str], checked: int) -> Dict[str, Any]:
