@@ -3,7 +3,10 @@
 Every fastat kernel sees its tensors as a [B, D] matrix in memory order (D = elements per sample) and
 works on 2-D tiles [BLOCK_B, BLOCK_D]: many short rows per program for toy data (D = 2), one slice of
 a long row for images (D = 3*512*512). Per-sample reductions loop over columns inside a program and
-split long rows over SPLIT programs whose partials a later pass sums in a fixed order (deterministic).
+split long rows over SPLIT programs whose partials a later pass sums in a fixed order (deterministic);
+the programs of a reduction fill the GPU (a persistent grid of ~2 programs per SM, whatever B).
+Small samples (D <= FLAT_MAX_D, a power of two) are "flat": a tile of whole consecutive samples is read
+and written as one contiguous run (`load_tile`/`store_tile`), so its accesses are 128-bit.
 
 Under TRITON_INTERPRET=1 (CPU) a program instance costs ~0.5-0.8 ms whatever its size, so tiles are
 as big as possible and rows are never split; on a GPU tiles hold ~4096 elements and autotuning is not
@@ -27,6 +30,8 @@ from ._backend import triton_interpreting
 
 GPU_TILE = 4096  # elements per program on a GPU: 16 KB of fp32 per operand, 8 warps
 INTERPRET_TILE = 1 << 16  # one big numpy array per program when interpreting
+FLAT_MAX_D = 16  # samples up to this size (a power of two) are read as whole contiguous runs
+PROGRAMS_PER_SM = 2  # a reduction's persistent grid: programs per SM over all row groups
 
 
 def next_pow2(n: int) -> int:
@@ -76,16 +81,73 @@ def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+_TARGET: Dict[str, Optional[int]] = {"sm_count": None}  # see `plan_for_device`
+
+
+@contextlib.contextmanager
+def plan_for_device(sm_count: int, interpreting: bool = False) -> Iterator[None]:
+    """Plan tiles, warps and grids as for a GPU with `sm_count` SMs, whatever runs the kernels: the kernel
+    audit (fastat.bench.audit) records launches under the interpreter and compiles them for that GPU."""
+    global INTERPRETING
+    saved = (INTERPRETING, _TARGET["sm_count"])
+    INTERPRETING, _TARGET["sm_count"] = interpreting, sm_count
+    _tile.cache_clear()
+    try:
+        yield
+    finally:
+        INTERPRETING, _TARGET["sm_count"] = saved
+        _tile.cache_clear()
+
+
+def gpu_sms(device: torch.device) -> Optional[int]:
+    """SMs of the GPU a launch on `device` is planned for; None when the kernels run in the interpreter."""
+    if _TARGET["sm_count"] is not None:
+        return _TARGET["sm_count"]
+    if INTERPRETING or device.type != "cuda":
+        return None
+    return _sm_count(device)
+
+
 def split(batch: int, numel: int, block_b: int, block_d: int, device: torch.device) -> int:
-    """Programs per row group for a reduction: enough to fill the GPU (~4 waves), 1 when interpreting."""
+    """Programs per row group for a reduction: a persistent grid of PROGRAMS_PER_SM programs per SM in all
+    (each loops over its share of the columns), 1 when interpreting."""
     if _OVERRIDES["split"] is not None:
         return int(max(1, min(_OVERRIDES["split"], math.ceil(numel / block_d))))
-    if INTERPRETING or device.type != "cuda":
+    sms = gpu_sms(device)
+    if sms is None:
         return 1  # (checked after the override, so tests can split rows under the interpreter)
     row_groups = math.ceil(batch / block_b)
     col_blocks = math.ceil(numel / block_d)
-    want = math.ceil(4 * _sm_count(device) / max(row_groups, 1))
-    return int(max(1, min(want, col_blocks, 64)))
+    want = math.ceil(PROGRAMS_PER_SM * sms / max(row_groups, 1))
+    return int(max(1, min(want, col_blocks)))
+
+
+SWEEP_MAX_D = 1 << 16  # pgd_step: samples up to this size are done in one launch (`sweep_programs`)
+SWEEP_L2_BYTES = 32 << 20  # bytes of samples a sweep keeps in flight: they must stay in L2 for the second read
+SWEEP_MIN_BATCH = 32  # fewer samples than this fill the GPU better split over programs (two passes)
+
+
+def use_sweep(batch: int, numel: int, device: torch.device) -> bool:
+    """Whether a per-sample step over samples larger than a tile takes the one-launch sweep (see `sweep_programs`):
+    samples of at most SWEEP_MAX_D elements and enough of them to fill the GPU one program per sample (always in
+    the interpreter, so its tests run the sweep; the override of `split` forces the two passes)."""
+    if _OVERRIDES["split"] is not None or numel > SWEEP_MAX_D:
+        return False
+    return gpu_sms(device) is None or batch >= SWEEP_MIN_BATCH
+
+
+def sweep_programs(batch: int, sample_bytes: int, device: torch.device) -> int:
+    """Programs of a persistent one-sample-at-a-time grid whose second read of each sample hits L2: as many
+    as fill the GPU, no more than SWEEP_L2_BYTES of samples in flight."""
+    sms = gpu_sms(device)
+    if sms is None:
+        return max(1, min(batch, 4))  # the interpreter: a few programs, each looping over samples
+    return max(1, min(batch, 4 * sms, SWEEP_L2_BYTES // max(sample_bytes, 1)))
+
+
+def is_flat(numel: int, block_d: int) -> bool:
+    """Whether tiles of [*, block_d] hold whole samples of a small power-of-two size (see `load_tile`)."""
+    return numel == block_d and numel <= FLAT_MAX_D
 
 
 def chunk(numel: int, block_d: int, nsplit: int) -> int:
@@ -171,6 +233,9 @@ def replace_launch(hook: Callable) -> Iterator[None]:
 def channels(template: torch.Tensor, channels_last: bool) -> Tuple[int, int, bool]:
     """(C, S, channels_last) to draw logical-order noise in the template's memory order."""
     if channels_last:
+        if template[0].numel() >= 2**31:  # logical_index maps positions inside a sample in int32
+            raise ValueError(f"channels_last samples of 2^31 elements or more are not supported by the Triton kernels "
+                             f"(got {template[0].numel()} per sample); make the tensors contiguous")
         return template.shape[1], math.prod(template.shape[2:]), True
     return 1, 1, False
 
@@ -227,6 +292,35 @@ def tile_index(pid, n_col_blocks, B, D, BLOCK_B: tl.constexpr, BLOCK_D: tl.const
 
 
 @triton.jit
+def _flat_offsets(pid, B, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(offsets, mask) of the BLOCK_B whole samples of program `pid` as one contiguous run (BLOCK_D == D)."""
+    offs = pid * (BLOCK_B * BLOCK_D) + tl.arange(0, BLOCK_B * BLOCK_D).to(tl.int64)
+    return offs, offs < (pid * 0 + B) * BLOCK_D
+
+
+@triton.jit
+def load_tile(ptr, pid, offs, mask, B, FLAT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The [BLOCK_B, BLOCK_D] tile at `offs` (masked), in fp32. FLAT: the tile is whole consecutive samples
+    (D == BLOCK_D, see `is_flat`), loaded as one contiguous run and reshaped, so the loads are 128-bit."""
+    if FLAT:
+        flat, flat_mask = _flat_offsets(pid, B, BLOCK_B, BLOCK_D)
+        value = tl.reshape(tl.load(ptr + flat, mask=flat_mask, other=0.0), (BLOCK_B, BLOCK_D))
+    else:
+        value = tl.load(ptr + offs, mask=mask, other=0.0)
+    return value.to(tl.float32)
+
+
+@triton.jit
+def store_tile(ptr, value, pid, offs, mask, B, FLAT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a [BLOCK_B, BLOCK_D] tile in ptr's dtype (see `load_tile`)."""
+    if FLAT:
+        flat, flat_mask = _flat_offsets(pid, B, BLOCK_B, BLOCK_D)
+        tl.store(ptr + flat, tl.reshape(value, (BLOCK_B * BLOCK_D,)).to(ptr.dtype.element_ty), mask=flat_mask)
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def row_coef(ptr, scalar, rows, row_mask, IS_TENSOR: tl.constexpr):
     """Per-sample coefficient as fp32 [BB,1]: loaded from a [B] tensor, or a runtime scalar."""
     # one return statement: the compiler (unlike the interpreter) rejects returns inside branches
@@ -240,9 +334,11 @@ def row_coef(ptr, scalar, rows, row_mask, IS_TENSOR: tl.constexpr):
 @triton.jit
 def logical_index(rows, cols, D, C, S, CHANNELS_LAST: tl.constexpr):
     """Row-major logical index of memory positions (rows [BB,1], cols [1,BD], int64): for channels_last
-    a memory position p = s*C + c inside a sample has logical position c*S + s."""
+    a memory position p = s*C + c inside a sample has logical position c*S + s (in int32: a 64-bit division
+    costs ~20 instructions a 32-bit one does not; `channels` refuses samples of 2^31 elements)."""
     if CHANNELS_LAST:
-        index = rows * D + (cols % C) * S + cols // C
+        p = cols.to(tl.int32)
+        index = rows * D + ((p % C) * S + p // C).to(tl.int64)
     else:
         index = rows * D + cols
     return index

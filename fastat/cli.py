@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if visible, else cpu)")
     bench.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions, no torch.compile")
     bench.add_argument("--out", default="fastat_bench_out", help="output folder (default ./fastat_bench_out)")
-    bench.add_argument("--suites", default="ops,steps", help="comma list of ops,steps,overhead (default ops,steps)")
+    bench.add_argument("--suites", default="ops,steps", help="comma list of ops,steps,overhead,audit (default ops,steps)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     bench.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's); use 1 on a CPU shared with other jobs")

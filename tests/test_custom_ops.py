@@ -89,7 +89,7 @@ def test_every_kernel_is_registered_with_its_variants():
                 and getattr(getattr(obj, "fn", None), "__module__", None) == module.__name__}
 
     jitted = set().union(*(kernels_in(m) for m in (ls, nz, ni, pt)))
-    assert len(jitted) == 9
+    assert len(jitted) == 10
     assert jitted == set(tu.KERNELS)
     for spec in tu.KERNELS.values():
         args = set(spec.fn.arg_names)
@@ -193,6 +193,8 @@ def _aot_cases():
             constexprs = {name: values[pick] for name, values in spec.constexprs.items()}
             if "BLOCK_B" in spec.fn.arg_names:
                 constexprs.update(BLOCK_B=tile[0], BLOCK_D=tile[1])
+            elif "BLOCK_D" in spec.fn.arg_names:  # one sample at a time (the pgd_step sweep)
+                constexprs.update(BLOCK_D=tile[1])
             cases.append((spec, constexprs))
     return cases
 

@@ -11,9 +11,10 @@ from utils import LAYOUTS, SHAPES, layout, tol
 
 pytest.importorskip("triton")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-# no override: one fused kernel (whole rows in a tile); tile=64: two passes over several column
-# blocks; split=3: the reduction is split over 3 programs per row and summed in fixed order.
-PATHS = {"fused": {}, "two_pass": {"tile": 64}, "split": {"tile": 64, "split": 3}}
+# no override: one fused kernel (whole rows in a tile, flat tiles for D <= 16); tile=64: rows over several column
+# blocks, one sweep kernel (statistics, then the update, per sample); split=3: a statistics kernel split over 3
+# programs per row (summed in fixed order) and an update kernel.
+PATHS = {"fused": {}, "sweep": {"tile": 64}, "split": {"tile": 64, "split": 3}}
 
 
 def _inputs(shape, dtype=torch.float32, kind="contiguous", seed=0):
@@ -42,7 +43,7 @@ def _l2_formula(delta, grad, step, radius, normalize):
 
 
 SMALL_SHAPES = [(3, 5), (1, 1), (2, 3, 7, 5)]  # interpreter time grows with programs: few rows for tiled paths
-CASES = [(shape, "fused") for shape in SHAPES] + [(shape, p) for shape in SMALL_SHAPES for p in ("two_pass", "split")]
+CASES = [(shape, "fused") for shape in SHAPES] + [(shape, p) for shape in SMALL_SHAPES for p in ("sweep", "split")]
 
 
 @pytest.mark.parametrize("shape,path", CASES)
@@ -63,7 +64,7 @@ def test_pgd_step_matches_reference(shape, path, norm, normalize):
 def test_pgd_step_layouts_dtypes_and_model_input(kind, dtype, norm):
     delta, grad, step, radius = _inputs((4, 3, 5, 6), dtype, kind)
     base = layout(torch.randn(4, 3, 5, 6, device=DEV), kind)  # fp32 x_t with an fp16 delta -> fp32 input
-    (e_delta, e_x), (g_delta, g_x) = _both(delta, grad, 0.2, radius, norm, model_input_base=base, path="two_pass")
+    (e_delta, e_x), (g_delta, g_x) = _both(delta, grad, 0.2, radius, norm, model_input_base=base, path="sweep")
     atol, rtol = tol(dtype)
     torch.testing.assert_close(g_delta, e_delta, atol=atol, rtol=rtol)
     assert g_x.dtype == e_x.dtype == torch.float32

@@ -108,7 +108,7 @@ inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* n
 
 // Grid-stride elementwise pass over [0, n): f.template run<N>(i) handles elements i .. i+N-1 (N = 1 or the pack).
 template <int N, typename F>
-__global__ void __launch_bounds__(kThreads) elementwise_kernel(int64_t n, F f) {
+__global__ void __launch_bounds__(kThreads, 4) elementwise_kernel(int64_t n, F f) {
   const int64_t lane = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t lanes = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for_range<N>(0, n, lane, lanes, f);
@@ -130,7 +130,7 @@ void launch_elementwise(int64_t n, bool vectorize, const F& f, cudaStream_t stre
 // f.template run<N>(i) over the tile's elements, then f.partials(out) with K per-lane sums that are
 // warp-reduced (fixed butterfly order) and written by lane 0 to partials[tile * K + k].
 template <int N, int K, typename A, typename F>
-__global__ void __launch_bounds__(kThreads) tile_reduce_kernel(Tiling t, F f, A* __restrict__ partials) {
+__global__ void __launch_bounds__(kThreads, 4) tile_reduce_kernel(Tiling t, F f, A* __restrict__ partials) {
   const int lane = threadIdx.x & 31;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -159,22 +159,66 @@ void launch_tile_reduce(const Tiling& t, bool vectorize, const F& f, A* partials
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// One thread per sample: sums that sample's K partials over its chunks in chunk order (in fp64: a few hundred
-// partials of a 10^8-element sample would lose ~1e-4 relative in fp32; the cost is nil), then fin(b, sums).
+// A finalize gives each sample a whole block once it has kBlockFinalizeChunks chunks or more (its chunks are then
+// summed by 256 threads in a fixed order), else one thread: one thread walking thousands of chunks is thousands of
+// dependent loads (at B = 1, D = 16M: 8,400 of them, the L2 step's finalize alone longer than its two data passes).
+constexpr int64_t kBlockFinalizeChunks = 32;
+
+template <typename A> __device__ __forceinline__ void add_partials(double* total, const A* p, int k) {
+  for (int j = 0; j < k; ++j) total[j] += static_cast<double>(p[j]);
+}
+
+// Sample b's K sums over its chunks, in fp64, by the threads of the block in a fixed order (thread t takes chunks
+// t, t + blockDim, ... in order, then a fixed tree): the same value in every thread. Block-uniform call.
+template <int K, typename A>
+__device__ void block_sample_sums(int64_t b, int64_t chunks, const A* __restrict__ partials, A (&sums)[K]) {
+  __shared__ double shared[K][kThreads];
+  double total[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) total[k] = 0.0;
+  for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) add_partials(total, partials + (b * chunks + c) * K, K);
+#pragma unroll
+  for (int k = 0; k < K; ++k) shared[k][threadIdx.x] = total[k];
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) shared[k][threadIdx.x] += shared[k][threadIdx.x + s];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) sums[k] = static_cast<A>(shared[k][0]);
+  __syncthreads();  // the next sample reuses `shared`
+}
+
+// Sample b's K sums by one thread, chunk by chunk (in fp64: a few hundred partials of a 10^8-element sample would
+// lose ~1e-4 relative in fp32; the cost is nil).
+template <int K, typename A>
+__device__ void thread_sample_sums(int64_t b, int64_t chunks, const A* __restrict__ partials, A (&sums)[K]) {
+  double total[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) total[k] = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) add_partials(total, partials + (b * chunks + c) * K, K);
+#pragma unroll
+  for (int k = 0; k < K; ++k) sums[k] = static_cast<A>(total[k]);
+}
+
+// fin(b, sums) for every sample: a block per sample (many chunks) or a thread per sample (few), see above.
 template <int K, typename A, typename Fin>
-__global__ void __launch_bounds__(kThreads) finalize_kernel(int64_t batch, int64_t chunks, const A* __restrict__ partials, Fin fin) {
+__global__ void __launch_bounds__(kThreads, 4) finalize_kernel(int64_t batch, int64_t chunks, const A* __restrict__ partials, Fin fin) {
+  if (chunks >= kBlockFinalizeChunks) {
+    for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
+      A sums[K];
+      block_sample_sums<K>(b, chunks, partials, sums);
+      if (threadIdx.x == 0) fin(b, sums);
+    }
+    return;
+  }
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < batch;
        b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    double total[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) total[k] = 0.0;
-    for (int64_t c = 0; c < chunks; ++c) {
-#pragma unroll
-      for (int k = 0; k < K; ++k) total[k] += static_cast<double>(partials[(b * chunks + c) * K + k]);
-    }
     A sums[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) sums[k] = static_cast<A>(total[k]);
+    thread_sample_sums<K>(b, chunks, partials, sums);
     fin(b, sums);
   }
 }
@@ -182,30 +226,32 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(int64_t batch, int64
 template <int K, typename A, typename Fin>
 void launch_finalize(const Tiling& t, const A* partials, const Fin& fin, cudaStream_t stream) {
   if (t.batch <= 0) return;
-  finalize_kernel<K, A, Fin><<<persistent_blocks(t.batch, kThreads), kThreads, 0, stream>>>(t.batch, t.chunks, partials, fin);
+  const int64_t blocks = persistent_blocks(t.batch, t.chunks >= kBlockFinalizeChunks ? 1 : kThreads);
+  finalize_kernel<K, A, Fin><<<blocks, kThreads, 0, stream>>>(t.batch, t.chunks, partials, fin);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// One block: each thread takes samples b = t, t + blockDim, ... in order, sums their K partials as finalize_kernel does,
-// and adds fin(b, sums) (in double); the threads' totals are then added in a fixed tree order and
-// out[0] = total * scale. Deterministic, and one launch for the per-sample step and the batch sum together.
+// One block: the per-sample step of finalize_kernel (a sample at a time by the whole block when samples have many
+// chunks, else thread t takes samples t, t + blockDim, ...), the values fin(b, sums) added in double in a fixed
+// order, then the threads' totals in a fixed tree: out[0] = total * scale. Deterministic, and one launch for the
+// per-sample step and the batch sum together.
 template <int K, typename A, typename Fin>
-__global__ void __launch_bounds__(kThreads) finalize_reduce_kernel(int64_t batch, int64_t chunks, const A* __restrict__ partials,
+__global__ void __launch_bounds__(kThreads, 4) finalize_reduce_kernel(int64_t batch, int64_t chunks, const A* __restrict__ partials,
                                                                    Fin fin, A* __restrict__ out, double scale) {
   __shared__ double shared[kThreads];
   double acc = 0.0;
-  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
-    double total[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) total[k] = 0.0;
-    for (int64_t c = 0; c < chunks; ++c) {
-#pragma unroll
-      for (int k = 0; k < K; ++k) total[k] += static_cast<double>(partials[(b * chunks + c) * K + k]);
+  if (chunks >= kBlockFinalizeChunks) {
+    for (int64_t b = 0; b < batch; ++b) {
+      A sums[K];
+      block_sample_sums<K>(b, chunks, partials, sums);
+      if (threadIdx.x == 0) acc += static_cast<double>(fin(b, sums));
     }
-    A sums[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) sums[k] = static_cast<A>(total[k]);
-    acc += static_cast<double>(fin(b, sums));
+  } else {
+    for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
+      A sums[K];
+      thread_sample_sums<K>(b, chunks, partials, sums);
+      acc += static_cast<double>(fin(b, sums));
+    }
   }
   shared[threadIdx.x] = acc;
   __syncthreads();
@@ -219,6 +265,85 @@ __global__ void __launch_bounds__(kThreads) finalize_reduce_kernel(int64_t batch
 template <int K, typename A, typename Fin>
 void launch_finalize_reduce(const Tiling& t, const A* partials, const Fin& fin, A* out, double scale, cudaStream_t stream) {
   finalize_reduce_kernel<K, A, Fin><<<1, kThreads, 0, stream>>>(t.batch, t.chunks, partials, fin, out, scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- whole samples in one launch ------------------------------------------------------------------------------
+
+// Samples of at most kSweepMaxD elements (pgd_step, L2 random starts): a group of G threads (one thread for small
+// samples, a warp, or the block) takes one sample at a time in a persistent grid, sums the sample's statistics in a
+// first sweep (stats.reset/run/partials; a fixed-order group sum leaves the same sums in every thread), turns them
+// into the sample's coefficients (fin.value, computed by every thread of the group, so nothing is exchanged through
+// memory), and applies them in a second sweep (apply.run_sample). The grid keeps at most kSweepL2Bytes of samples in
+// flight, so the second sweep reads from L2: one launch, and DRAM moves each tensor once.
+constexpr int64_t kSweepMaxD = 1 << 16;
+constexpr int64_t kSweepL2Bytes = int64_t(32) << 20;
+
+template <int G, int K, typename A> __device__ __forceinline__ void group_sum(A (&sums)[K]) {
+  if (G == 1) return;
+#pragma unroll
+  for (int k = 0; k < K; ++k) sums[k] = warp_sum(sums[k]);
+  if (G == kThreads) {
+    __shared__ A shared[K][kWarps];
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) shared[k][threadIdx.x >> 5] = sums[k];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      A s = A(0);
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) s += shared[k][w];
+      sums[k] = s;
+    }
+    __syncthreads();
+  }
+}
+
+template <int N, int G, int K, typename A, typename Stats, typename Fin, typename Apply>
+__global__ void __launch_bounds__(kThreads, 2) sweep_kernel(int64_t batch, int64_t d, Stats stats, Fin fin, Apply apply) {
+  constexpr int kGroups = kThreads / G;
+  const int lane = threadIdx.x % G;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kGroups;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / G; b < batch; b += stride) {
+    Stats s = stats;
+    s.reset(b);
+    for_range<N>(b * d, (b + 1) * d, lane, G, s);
+    A sums[K];
+    s.partials(sums);
+    group_sum<G, K>(sums);
+    Apply a = apply;
+    const auto coef = fin.value(b, sums);
+    for_range_sample<N>(b * d, (b + 1) * d, lane, G, a, coef);
+  }
+}
+
+// Whether a pgd_step / L2 random start takes the one-launch sweep: samples of at most kSweepMaxD elements, and
+// either small (<= 4096: a warp or a block does one in a few iterations) or enough of them (>= kSweepMinBatch) to
+// fill the GPU; a few large samples run faster as tile reduction + finalize + update, whose extra bytes are few.
+constexpr int64_t kSweepMinBatch = 32;
+inline bool use_sweep(int64_t batch, int64_t d) { return d <= kSweepMaxD && (d <= 4096 || batch >= kSweepMinBatch); }
+
+// Threads per sample of a sweep: 1 up to 16 elements, a warp up to 2048, the block beyond.
+inline int sweep_group(int64_t d) { return d <= 16 ? 1 : (d <= 2048 ? 32 : kThreads); }
+
+template <int P, int K, typename A, typename Stats, typename Fin, typename Apply>
+void launch_sweep(int64_t batch, int64_t d, int64_t sample_bytes, bool vectorize, const Stats& stats, const Fin& fin,
+                  const Apply& apply, cudaStream_t stream) {
+  if (batch <= 0) return;
+  const int group = sweep_group(d), groups = kThreads / group;
+  const int64_t in_flight = kSweepL2Bytes / (sample_bytes > 0 ? sample_bytes : 1);
+  int64_t blocks = persistent_blocks(batch, groups);
+  const int64_t cap = (in_flight + groups - 1) / groups;
+  if (blocks > cap) blocks = cap > 0 ? cap : 1;
+#define FASTAT_SWEEP(N, G) sweep_kernel<N, G, K, A, Stats, Fin, Apply><<<blocks, kThreads, 0, stream>>>(batch, d, stats, fin, apply)
+  if (P > 1 && vectorize) {
+    if (group == 1) FASTAT_SWEEP(P, 1); else if (group == 32) FASTAT_SWEEP(P, 32); else FASTAT_SWEEP(P, kThreads);
+  } else {
+    if (group == 1) FASTAT_SWEEP(1, 1); else if (group == 32) FASTAT_SWEEP(1, 32); else FASTAT_SWEEP(1, kThreads);
+  }
+#undef FASTAT_SWEEP
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

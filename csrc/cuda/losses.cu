@@ -117,8 +117,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_loss_backward_cuda(
   at::Tensor ga = make(a_dtype.has_value()), gb = make(b_dtype.has_value()), gc = make(c_dtype.has_value());
   const int64_t n = residual.numel(), d = sample_numel(residual);
   if (n > 0 && (a_dtype || b_dtype || c_dtype)) {
-    // grad_loss of reduction none may arrive expanded (stride 0): dense copies of B values (no copy when dense).
-    const at::Tensor grad_loss = cast(grad_loss_in, acc).reshape({-1}).contiguous();
+    // grad_loss of reduction none may arrive expanded (stride 0, from a .sum()): read in place with its stride.
+    const at::Tensor grad_loss = cast(grad_loss_in, acc).reshape({-1});
     const at::Tensor per_sample = cast(per_sample_in, acc).contiguous();
     const bool vec = aligned16({&residual, &ga, &gb, &gc});
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -132,7 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_loss_backward_cuda(
                                               c_dtype ? gc.data_ptr<T>() : nullptr, make_coef<A>(sigma, sigma_s),
                                               make_coef<A>(weight, weight_s), static_cast<A>(huber_c),
                                               static_cast<A>(reduction == kReductionMean ? 1.0 / static_cast<double>(batch) : 1.0),
-                                              static_cast<int>(metric), reduction == kReductionNone, SampleCursor(d)},
+                                              static_cast<int>(metric), reduction == kReductionNone, SampleCursor(d),
+                                              grad_loss.stride(0)},
                             stream);
     });
   }

@@ -143,8 +143,9 @@ struct ResidualGradOp {
   int metric;
   bool grad_per_sample;  // reduction none: one upstream gradient per sample
   SampleCursor cur;
+  int64_t grad_loss_stride = 1;  // of a per-sample grad_loss (0 when autograd expands a scalar: read in place)
   FASTAT_HD A factor(int64_t b) const {
-    const A g = (grad_per_sample ? grad_loss[b] : grad_loss[0]) * batch_scale * weight(b);
+    const A g = (grad_per_sample ? grad_loss[b * grad_loss_stride] : grad_loss[0]) * batch_scale * weight(b);
     const A d = A(cur.d > 1 ? cur.d : 1);
     if (metric == 0) return A(2) * g / d;
     if (metric == 1) return g / d;

@@ -19,8 +19,12 @@ at::Tensor noisy_input_cuda(const at::Tensor& x0_in, const c10::optional<at::Ten
   check_coef(sigma, x0_in, "sigma");
   TORCH_CHECK(seed >= 0 && offset >= 0, "fastat_cuda: seed and offset must be >= 0, got ", seed, " and ", offset);
   c10::cuda::CUDAGuard guard(x0_in.device());
-  at::Tensor x0 = cast(x0_in, dtype);
-  noise = cast(noise, dtype);
+  // Half-precision data (x0, noise) with fp32 delta and output, the training case: read as they are (Tin).
+  const at::ScalarType data = x0_in.scalar_type();
+  const bool mixed = dtype == at::kFloat && (data == at::kBFloat16 || data == at::kHalf) &&
+                     (!noise.defined() || noise.scalar_type() == data) && (!delta.defined() || delta.scalar_type() == dtype);
+  at::Tensor x0 = mixed ? x0_in : cast(x0_in, dtype);
+  if (!mixed) noise = cast(noise, dtype);
   delta = cast(delta, dtype);
   const bool seeded = !noise.defined();
   const Layout layout = work_layout({&x0, &noise, &delta}, seeded);
@@ -29,6 +33,19 @@ at::Tensor noisy_input_cuda(const at::Tensor& x0_in, const c10::optional<at::Ten
   if (n == 0) return out;
   const bool vec = aligned16({&x0, &noise, &delta, &out});
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (mixed) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(data, "fastat_cuda::noisy_input (mixed)", [&] {
+      using Tin = scalar_t;
+      launch_elementwise<pack_size<float>()>(
+          n, vec,
+          NoisyInputOp<float, Tin>{x0.data_ptr<Tin>(), seeded ? nullptr : noise.data_ptr<Tin>(),
+                                   delta.defined() ? delta.data_ptr<float>() : nullptr, out.data_ptr<float>(),
+                                   make_coef<float>(alpha, alpha_s), make_coef<float>(sigma, sigma_s), logical_index(out, layout),
+                                   static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), SampleCursor(d)},
+          stream);
+    });
+    return out;
+  }
   FASTAT_DISPATCH(dtype, "fastat_cuda::noisy_input", [&] {
     using T = scalar_t;
     using A = acc_t<T>;

@@ -13,12 +13,13 @@ namespace fastat {
 
 // out = alpha_b * x0 + sigma_b * noise (+ delta). noise == nullptr: the noise is drawn from (seed, offset) at each
 // element's logical index (triton's tl.randn stream, whatever the memory layout). Seeded / delta are warp-uniform
-// runtime switches (free in a memory-bound loop; fewer instantiations, faster nvcc).
-template <typename T>
+// runtime switches (free in a memory-bound loop; fewer instantiations, faster nvcc). Tin: x0's and noise's dtype,
+// when it differs from the output's (bf16 data with the fp32 perturbation of training: no widening copies).
+template <typename T, typename Tin = T>
 struct NoisyInputOp {
   using A = acc_t<T>;
-  const T* __restrict__ x0;
-  const T* __restrict__ noise;
+  const Tin* __restrict__ x0;
+  const Tin* __restrict__ noise;
   const T* __restrict__ delta;
   T* __restrict__ out;
   Coef<A> alpha, sigma;

@@ -1,16 +1,17 @@
 // Perturbation steps (docs/maths.md §4.2) with per-sample step size and radius, and random starts. The per-element and
 // per-sample code is the functors of perturbation_ops.cuh, shared with csrc/cpu.
 //
-// L2 step, two passes over the data whatever the options:
-//   pass 1 (tile reduction): per sample ||g||^2, <delta, g>, ||delta||^2 and the count of non-finite g;
-//   finalize (one thread per sample): c = step / max(||g||, 1e-8) (c = step unnormalised),
+// L2 step: per sample ||g||^2, <delta, g>, ||delta||^2 and the count of non-finite g, then
+//       c = step / max(||g||, 1e-8) (c = step unnormalised),
 //       ||v||^2 = ||delta||^2 + 2c<delta, g> + c^2 ||g||^2   for v = delta + c g  (no pass over v),
-//       s = min(1, R / max(||v||, 1e-8)),  delta' = s * delta + (s c) * g;
-//   pass 2 (elementwise): delta' = cd_b * delta + cg_b * g  (and x' = base + delta' when a model-input base is
-//   given, so the next attack input costs no extra pass).
-// Linf step: one elementwise pass delta' = clamp(delta + step * sign(g), -R, R) that also flags samples with a
-// non-finite gradient, then a pass that restores delta for flagged samples only (no traffic for the others).
-// Policy of the reference: a sample whose gradient holds a NaN/Inf keeps its perturbation unchanged.
+//       s = min(1, R / max(||v||, 1e-8)),  delta' = s * delta + (s c) * g
+// (and x' = base + delta' when a model-input base is given, so the next attack input costs no extra pass).
+// Linf step: delta' = clamp(delta + step * sign(g), -R, R). Policy of the reference: a sample whose gradient holds a
+// NaN/Inf keeps its perturbation unchanged.
+// Samples of up to kSweepMaxD elements (when `use_sweep`): one launch (common.cuh sweep_kernel: statistics,
+// coefficients and update per sample, the second read from L2). Otherwise: L2 = tile reduction + finalize +
+// elementwise update (delta and g read twice); Linf = flags zeroed, one elementwise pass that also flags samples
+// with a non-finite gradient, and a pass that restores delta for flagged samples only (no traffic for the others).
 #include "common.cuh"
 #include "ops.h"
 #include "perturbation_ops.cuh"
@@ -48,7 +49,18 @@ std::tuple<at::Tensor, at::Tensor> pgd_step_cuda(const at::Tensor& delta_in, con
       const Coef<A> cs = make_coef<A>(step_size, step_size_s), cr = make_coef<A>(radius, radius_s);
       const T* bp = fused ? base.data_ptr<T>() : nullptr;
       T* xp = fused ? xout.data_ptr<T>() : nullptr;
-      if (l2) {
+      const int64_t sample_bytes = d * static_cast<int64_t>(sizeof(T)) * (fused ? 3 : 2);
+      const bool sweep = use_sweep(batch, d);
+      if (sweep && l2) {
+        launch_sweep<P, 4, A>(batch, d, sample_bytes, vec, L2StatsOp<T>{delta.data_ptr<T>(), grad.data_ptr<T>()},
+                              L2CoefFin<A>{cs, cr, normalize, nullptr},
+                              L2ApplyOp<T>{delta.data_ptr<T>(), grad.data_ptr<T>(), out.data_ptr<T>(), bp, xp, nullptr,
+                                           SampleCursor(d)}, stream);
+      } else if (sweep) {
+        launch_sweep<P, 1, A>(batch, d, sample_bytes, vec, NonfiniteCountOp<T>{grad.data_ptr<T>()}, LinfCoefFin<A>{cs, cr},
+                              LinfStepOp<T>{delta.data_ptr<T>(), grad.data_ptr<T>(), out.data_ptr<T>(), bp, xp, nullptr, cs, cr,
+                                            normalize, SampleCursor(d)}, stream);
+      } else if (l2) {
         const Tiling t = make_tiling(batch, d, vec ? P : 1);
         at::Tensor partials = partials_buffer(t, 4, delta, std::is_same<A, double>::value);
         at::Tensor coef = at::empty({batch > 0 ? 2 * batch : 1}, partials.options());
@@ -99,7 +111,10 @@ at::Tensor random_perturbation_cuda(const at::Tensor& like, const at::Tensor& se
     using A = acc_t<T>;
     constexpr int P = pack_size<T>();
     const Coef<A> cr = make_coef<A>(radius, radius_s);
-    if (l2) {
+    if (l2 && use_sweep(batch, d)) {  // draws are regenerated, not read: the samples in flight hold no data
+      launch_sweep<P, 1, A>(batch, d, 0, vec, NormalSumOp<A>{sd, logical}, BallCoefFin<A>{sd, cr, d, n, normal, nullptr},
+                            RandomApplyOp<T>{out.data_ptr<T>(), sd, cr, nullptr, 0, logical, SampleCursor(d)}, stream);
+    } else if (l2) {
       const Tiling t = make_tiling(batch, d, vec ? P : 1);
       at::Tensor partials = partials_buffer(t, 1, out, std::is_same<A, double>::value);
       at::Tensor coef = at::empty({batch > 0 ? batch : 1}, partials.options());

@@ -83,8 +83,9 @@ template <typename A>
 struct L2CoefFin {
   Coef<A> step, radius;
   bool normalize;
-  A* __restrict__ coef;  // [B, 2]: (cd, cg)
-  FASTAT_HD void operator()(int64_t b, const A (&s)[4]) const {
+  A* __restrict__ coef;  // [B, 2]: (cd, cg); unused by the one-launch sweep, which calls value()
+  // (cd, cg) of sample b: delta' = cd * delta + cg * g; (1, 0) for a sample with a non-finite gradient.
+  FASTAT_HD Pair<A> value(int64_t b, const A (&s)[4]) const {
     A cd = A(1), cg = A(0);
     if (s[3] == A(0)) {
       const A gg = s[0], dg = s[1], dd = s[2];
@@ -97,8 +98,12 @@ struct L2CoefFin {
       cd = scale;
       cg = scale * c;
     }
-    coef[2 * b] = cd;
-    coef[2 * b + 1] = cg;
+    return Pair<A>{cd, cg};
+  }
+  FASTAT_HD void operator()(int64_t b, const A (&s)[4]) const {
+    const Pair<A> c = value(b, s);
+    coef[2 * b] = c.first;
+    coef[2 * b + 1] = c.second;
   }
 };
 
@@ -133,9 +138,25 @@ struct L2ApplyOp {
     }
     if (base != nullptr) add_base_span(base, out, xout, lo, hi);
   }
+  // Elements i .. i+N-1 of one sample whose (cd, cg) is c (the one-launch sweep).
+  template <int N> FASTAT_HD void run_sample(int64_t i, const Pair<A>& c) {
+    A dv[N], gv[N];
+    load<N>(delta, i, dv);
+    load<N>(grad, i, gv);
+#pragma unroll
+    for (int k = 0; k < N; ++k) dv[k] = c.second != A(0) ? c.first * dv[k] + c.second * gv[k] : c.first * dv[k];
+    store<N>(out, i, dv);
+    if (base != nullptr) add_base<N>(base, xout, i, dv);
+  }
 };
 
 // ---- Linf ---------------------------------------------------------------------------------------------------
+
+template <typename A>
+struct LinfCoef {
+  A step, radius;
+  bool keep;  // the sample's gradient is not finite: delta' = delta
+};
 
 template <typename T>
 struct LinfStepOp {
@@ -198,6 +219,43 @@ struct LinfStepOp {
     }
     if (base != nullptr) add_base_span(base, out, xout, lo, hi);
   }
+  // Elements i .. i+N-1 of one sample with coefficients c (the one-launch sweep: no flags, no restore pass).
+  template <int N> FASTAT_HD void run_sample(int64_t i, const LinfCoef<A>& c) {
+    A dv[N], gv[N];
+    load<N>(delta, i, dv);
+    if (!c.keep) {
+      load<N>(grad, i, gv);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const A dir = normalize ? A((gv[k] > A(0)) - (gv[k] < A(0))) : gv[k];
+        dv[k] = fmax(fmin(dv[k] + c.step * dir, c.radius), -c.radius);
+      }
+    }
+    store<N>(out, i, dv);
+    if (base != nullptr) add_base<N>(base, xout, i, dv);
+  }
+};
+
+// The one-launch Linf sweep: the count of non-finite g per sample (first sweep), then LinfStepOp::run_sample.
+template <typename T>
+struct NonfiniteCountOp {
+  using A = acc_t<T>;
+  const T* __restrict__ grad;
+  A bad;
+  FASTAT_HD void reset(int64_t) { bad = A(0); }
+  template <int N> FASTAT_HD void run(int64_t i) {
+    A gv[N];
+    load<N>(grad, i, gv);
+#pragma unroll
+    for (int k = 0; k < N; ++k) bad += finite(gv[k]) ? A(0) : A(1);
+  }
+  FASTAT_HD void partials(A (&out)[1]) const { out[0] = bad; }
+};
+
+template <typename A>
+struct LinfCoefFin {
+  Coef<A> step, radius;
+  FASTAT_HD LinfCoef<A> value(int64_t b, const A (&s)[1]) const { return LinfCoef<A>{step(b), radius(b), s[0] != A(0)}; }
 };
 
 template <typename T>
@@ -280,8 +338,10 @@ struct BallCoefFin {
   Coef<A> radius;
   int64_t d, numel;  // numel: elements of the whole tensor (the per-sample uniforms are drawn past them)
   bool normal;  // true: N(0, (R/sqrt(D))^2) projected on the ball; false: uniform in the ball
-  A* __restrict__ coef;
-  FASTAT_HD void operator()(int64_t b, const A (&s)[1]) const {
+  A* __restrict__ coef;  // unused by the one-launch sweep, which calls value()
+  FASTAT_HD void operator()(int64_t b, const A (&s)[1]) const { coef[b] = value(b, s); }
+  // Multiplier of sample b's normal draws.
+  FASTAT_HD A value(int64_t b, const A (&s)[1]) const {
     const A norm = sqrt(s[0]);
     const A r = radius(b);
     A c;
@@ -294,7 +354,7 @@ struct BallCoefFin {
       const double root = pow(u, 1.0 / static_cast<double>(d > 1 ? d : 1));
       c = static_cast<A>(root) * r / fmax(norm, A(kNormFloor));
     }
-    coef[b] = c;
+    return c;
   }
 };
 
@@ -334,6 +394,14 @@ struct RandomApplyOp {
       const A v = (mode == 1 ? A(2) * A(philox_uniform(sd, 0, j)) - A(1) : A(philox_normal(sd, 0, j))) * c;
       out[i] = from_acc<T>(mode == 2 ? clamp_box(v, c) : v);
     }
+  }
+  // L2 forms, elements i .. i+N-1 of one sample whose multiplier is c (the one-launch sweep).
+  template <int N> FASTAT_HD void run_sample(int64_t i, A c) {
+    const uint64_t sd = static_cast<uint64_t>(*seed);
+    A o[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) o[k] = A(philox_normal(sd, 0, logical(i + k))) * c;
+    store<N>(out, i, o);
   }
 };
 

@@ -6,8 +6,15 @@
 //   n       = sqrt(-2 log(max(u_0, 1e-7))) * cos(6.2831855f * u_1)
 //
 // The Philox words and the uniforms are bit-identical to triton's and to fastat/ops/noise/reference.py.
-// The Gaussian uses CUDA's logf/sqrtf/cosf (IEEE, no fast-math); triton may lower log/cos/sqrt to other
+// The Gaussian uses CUDA's logf/sqrtf and cospif (IEEE, no fast-math); triton may lower log/cos/sqrt to other
 // instruction sequences, so the normals agree to a few fp32 ulp, not bit for bit.
+// Why one Philox4x32-10 per element (3 of its 4 words unused), not four normals per call (tl.randn4x): the stream
+// is the contract of SeededNoise -- element i of gaussian_noise(seed, offset) is tl.randn(seed, offset + i) on every
+// backend and in the torch reference -- so a seed saved in training reproduces the noise it drew. Four normals per
+// call would take the draw from ~140 SASS instructions per element to ~40 but change every value; it saves at most
+// the noise tensor's read (a quarter of noisy_input's bytes) and only on the seeded path at sizes that are not
+// launch-bound (kernel audit, fastat/bench/audit). If adopted it would be a second stream selected per SeededNoise,
+// this one kept as the default.
 #pragma once
 
 #include <cstdint>
@@ -57,10 +64,20 @@ FASTAT_HD float uint_to_uniform(uint32_t x) {
   return static_cast<float>(s) * 4.6566127342e-10f;
 }
 
+// cos(2 pi u2) without cosf's large-argument reduction (a local-memory table: a stack frame and spills in every
+// kernel that draws): cospi on the device, the double-precision cosine on the host, both within an ulp of the exact
+// value (triton's cos(6.2831855f * u2) is within a few).
+FASTAT_HD float cos_two_pi(float u2) {
+#if defined(__CUDA_ARCH__)
+  return cospif(2.0f * u2);
+#else
+  return static_cast<float>(std::cos(6.283185307179586 * static_cast<double>(u2)));
+#endif
+}
+
 FASTAT_HD float box_muller(float u1, float u2) {
   u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
-  const float theta = 6.283185307179586f * u2;
-  return sqrtf(-2.0f * logf(u1)) * cosf(theta);
+  return sqrtf(-2.0f * logf(u1)) * cos_two_pi(u2);
 }
 
 // N(0, 1) for logical element `index` of a tensor filled from (seed, offset): triton's tl.randn(seed, offset + index).

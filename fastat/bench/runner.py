@@ -7,7 +7,8 @@ Files: <out_dir>/<device>-<date>[-<suites>][-quick].json/.md/.png (default out_d
 repository's committed results are written with --out benchmarks/results), <device> = "cpu" or the GPU's name; the
 suites appear in the name unless they are the default ("ops,steps"). The "steps" suite comes from
 fastat.bench.steps.run_step_benchmarks(device, quick=...) when that module exists; "overhead" is
-fastat.bench.overhead (host time per call against eager, kernels per call).
+fastat.bench.overhead (host time per call against eager, kernels per call); "audit" writes
+<out_dir>/kernel-audit.md/.json (fastat.bench.audit: the GPU kernels read on this machine, no GPU needed).
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ import torch
 
 from . import report
 
-SUITES = ("ops", "steps", "overhead")
-DEFAULT_SUITES = ("ops", "steps")  # "overhead" runs when asked for (--suites overhead or ops,overhead)
+SUITES = ("ops", "steps", "overhead", "audit")
+DEFAULT_SUITES = ("ops", "steps")  # "overhead", "audit" run when asked for (--suites overhead or ops,overhead)
 
 
 def _log(msg: str) -> None:
@@ -113,6 +114,10 @@ def _run(device, quick, out_dir, suites, log, note, compile, run_op_benchmarks) 
         rows += overhead["rows"]
         meta["overhead_providers"] = overhead["providers"]
         meta["skipped"].update({f"overhead {k}": v for k, v in overhead["skipped"].items()})
+    if "audit" in suites:  # sm_90 codegen, launches and bytes per op, read on any machine (fastat.bench.audit)
+        from .audit import report as audit_report, run as run_audit
+
+        meta["audit"] = {k: str(v) for k, v in audit_report.write(run_audit(log=log), out_dir).items()}
     for name, why in meta["skipped"].items():
         log(f"skipped column {name}: {why}")
     out = Path(out_dir)

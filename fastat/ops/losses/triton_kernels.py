@@ -5,9 +5,10 @@
 
 Forward, one launch: a reduction pass reads a, b, c (b regenerated in-kernel for seeded noise) and, when a gradient
 will be needed, writes r in the inputs' dtype (not 2r/D, which underflows in fp16 for large D). When one program
-covers whole rows (nsplit == 1) it writes v_b and, for reduction "none", the weighted loss; otherwise, and for the
-sum or mean over the batch, the last program to finish (a ticket counter) adds the partials and the samples in a
-fixed order (deterministic: no float atomics).
+covers whole rows (nsplit == 1) it writes v_b and, for reduction "none", the weighted loss (for "sum" and "mean",
+its share of the batch sum); otherwise each program writes a partial sum per row. The last program to finish (a
+ticket counter) then adds the shares, or the partials and the samples, in a fixed order (deterministic: no float
+atomics).
 Backward: one elementwise pass reads r and writes only the gradients that are needed:
     dL/da = g_b * r * {2/D | sign(r)/D | 1/(v_b + h)},  dL/db = -dL/da,  dL/dc = -dL/da / sigma_b,
 g_b = grad_loss (per sample for "none", one value otherwise; times w_b, and 1/B for the mean).
@@ -69,7 +70,7 @@ def _loss_fwd_kernel(
     nsplit, inv_d, huber_c, batch_scale,
     K_T: tl.constexpr, W_T: tl.constexpr, HAS_C: tl.constexpr, SEEDED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     METRIC: tl.constexpr, SAVE_RES: tl.constexpr, ROWS_WHOLE: tl.constexpr, REDUCE: tl.constexpr,
-    NSPLIT_P2: tl.constexpr, FIN_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    NSPLIT_P2: tl.constexpr, FIN_BLOCK: tl.constexpr, FLAT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     part = pid % nsplit
@@ -82,16 +83,16 @@ def _loss_fwd_kernel(
         cols = part * chunk + start + tl.arange(0, BLOCK_D).to(tl.int64)[None, :]
         mask = row_mask & (cols < D)
         offs = rows * D + cols
-        r = tl.load(a + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tu.load_tile(a, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D)
         if SEEDED:
             r -= tu.seeded_randn(seed, noise_offset, tu.logical_index(rows, cols, D, C, S, CHANNELS_LAST))
         else:
-            r -= tl.load(b + offs, mask=mask, other=0.0).to(tl.float32)
+            r -= tu.load_tile(b, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D)
         if HAS_C:
-            r -= tl.load(c + offs, mask=mask, other=0.0).to(tl.float32) / k
+            r -= tu.load_tile(c, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D) / k
         r = tl.where(mask, r, 0.0)
         if SAVE_RES:
-            tl.store(res + offs, r.to(res.dtype.element_ty), mask=mask)
+            tu.store_tile(res, r, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D)
         if METRIC == 1:
             acc += tl.abs(r)
         else:
@@ -103,8 +104,11 @@ def _loss_fwd_kernel(
         else:
             value = total * inv_d
         tl.store(per_sample + rows, value, mask=row_mask)
-        if not REDUCE:
-            tl.store(loss + rows, value * tu.row_coef(w_ptr, w_s, rows, row_mask, W_T), mask=row_mask)
+        weighted = value * tu.row_coef(w_ptr, w_s, rows, row_mask, W_T)
+        if REDUCE:  # this program's share of the batch sum: the finishing program adds one value per program
+            tl.store(partials + pid, tl.sum(tl.sum(tl.where(row_mask, weighted, 0.0), axis=1), axis=0))
+        else:
+            tl.store(loss + rows, weighted, mask=row_mask)
     else:
         tl.store(partials + rows * nsplit + part, total, mask=row_mask)
     if REDUCE or not ROWS_WHOLE:
@@ -115,8 +119,12 @@ def _loss_fwd_kernel(
         tl.debug_barrier()
         ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if ticket == tl.num_programs(0) - 1:
-            _finish(partials, per_sample, loss, w_ptr, w_s, B, nsplit, inv_d, huber_c, batch_scale,
-                    W_T, METRIC, not ROWS_WHOLE, REDUCE, NSPLIT_P2, FIN_BLOCK)
+            if ROWS_WHOLE:  # the batch sum of the programs' shares
+                _finish(partials, partials, loss, w_ptr, 1.0, tl.num_programs(0), 1, inv_d, huber_c, batch_scale,
+                        False, METRIC, False, True, 1, FIN_BLOCK)
+            else:
+                _finish(partials, per_sample, loss, w_ptr, w_s, B, nsplit, inv_d, huber_c, batch_scale,
+                        W_T, METRIC, True, REDUCE, NSPLIT_P2, FIN_BLOCK)
             tl.atomic_xchg(counter, 0)
 
 
@@ -126,8 +134,9 @@ tu.register_kernel(
                                                "counter": "i32", "k_ptr": "fp32", "w_ptr": "fp32"},
     constexprs={"K_T": (False, True), "W_T": (False, True), "HAS_C": (False, True), "SEEDED": (False, True),
                 "CHANNELS_LAST": (False, True), "METRIC": (0, 1, 2), "SAVE_RES": (False, True),
-                "ROWS_WHOLE": (True, False), "REDUCE": (False, True), "NSPLIT_P2": (1, 2, 4, 8, 16, 32, 64),
-                "FIN_BLOCK": (1024, 512, 256, 128, 64)},
+                "ROWS_WHOLE": (True, False), "REDUCE": (False, True),
+                "NSPLIT_P2": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), "FIN_BLOCK": (1024, 512, 256, 128, 64, 32, 16, 8),
+                "FLAT": (False, True)},
     scalars={"k_s": "fp32", "w_s": "fp32", "seed": "i64", "noise_offset": "i64", "inv_d": "fp32", "huber_c": "fp32",
              "batch_scale": "fp32"},
 )
@@ -137,13 +146,13 @@ tu.register_kernel(
 def _loss_bwd_kernel(
     res, gout, gout_stride, per_sample, ga, gb, gc, k_ptr, k_s, w_ptr, w_s, B, D, n_col_blocks, inv_d, huber_c, batch_scale,
     K_T: tl.constexpr, W_T: tl.constexpr, METRIC: tl.constexpr, WANT_A: tl.constexpr, WANT_B: tl.constexpr,
-    WANT_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    WANT_C: tl.constexpr, FLAT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows, cols, mask = tu.tile_index(pid, n_col_blocks, B, D, BLOCK_B, BLOCK_D)
     offs = rows * D + cols
     row_mask = rows < B
-    r = tl.load(res + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tu.load_tile(res, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D)
     go = tl.load(gout + rows * gout_stride, mask=row_mask, other=0.0).to(tl.float32) * batch_scale
     go = go * tu.row_coef(w_ptr, w_s, rows, row_mask, W_T)
     if METRIC == 0:
@@ -154,12 +163,12 @@ def _loss_bwd_kernel(
         denom = tl.load(per_sample + rows, mask=row_mask, other=1.0) + huber_c
         g = tl.where(denom > 0, go / tl.where(denom > 0, denom, 1.0), 0.0) * r
     if WANT_A:
-        tl.store(ga + offs, g.to(ga.dtype.element_ty), mask=mask)
+        tu.store_tile(ga, g, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D)
     if WANT_B:
-        tl.store(gb + offs, (-g).to(gb.dtype.element_ty), mask=mask)
+        tu.store_tile(gb, -g, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D)
     if WANT_C:
         k = tu.row_coef(k_ptr, k_s, rows, row_mask, K_T)
-        tl.store(gc + offs, (-g / k).to(gc.dtype.element_ty), mask=mask)
+        tu.store_tile(gc, -g / k, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D)
 
 
 tu.register_kernel(
@@ -199,7 +208,10 @@ def residual_loss(a, b, c, sigma, weight, sigma_s, weight_s, metric, huber_c, re
     grid, bb, bd, warps, nsplit, chunk = tu.reduction_grid(batch, max(numel, 1), a.device)
     rows_whole = nsplit == 1
     reduce = reduction != NONE
-    partials = per_sample if rows_whole else a.new_empty((batch, nsplit), dtype=torch.float32)
+    if rows_whole:  # one weighted share of the batch sum per program, or nothing (per_sample is final)
+        partials = a.new_empty(grid[0], dtype=torch.float32) if reduce else per_sample
+    else:
+        partials = a.new_empty((batch, nsplit), dtype=torch.float32)
     counter = _counter(a.device) if reduce or not rows_whole else per_sample
     nsplit_p2 = tu.next_pow2(nsplit)
     ch, sp, cl = tu.channels(a, layout.channels_last)
@@ -212,7 +224,8 @@ def residual_loss(a, b, c, sigma, weight, sigma_s, weight_s, metric, huber_c, re
         1.0 / max(numel, 1), huber_c, 1.0 / batch if reduction == MEAN else 1.0,
     ), dict(K_T=has_c and sigma is not None, W_T=weight is not None, HAS_C=has_c, SEEDED=seeded, CHANNELS_LAST=cl,
             METRIC=metric, SAVE_RES=save_residual, ROWS_WHOLE=rows_whole, REDUCE=reduce, NSPLIT_P2=nsplit_p2,
-            FIN_BLOCK=min(1024, FINISH_TILE // nsplit_p2), BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
+            FIN_BLOCK=min(1024, FINISH_TILE // nsplit_p2), FLAT=tu.is_flat(numel, bd) and rows_whole,
+            BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
     return loss, per_sample, residual
 
 
@@ -239,5 +252,5 @@ def residual_loss_backward(grad_loss, residual, per_sample, sigma, weight, sigma
         residual if sigma is None else sigma, sigma_s, residual if weight is None else weight, weight_s,
         batch, numel, n_col, 1.0 / numel, huber_c, 1.0 / batch if reduction == MEAN else 1.0,
     ), dict(K_T=sigma is not None, W_T=weight is not None, METRIC=metric, WANT_A=want[0], WANT_B=want[1], WANT_C=want[2],
-            BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
+            FLAT=tu.is_flat(numel, bd), BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
     return ga, gb, gc

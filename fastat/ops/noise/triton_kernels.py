@@ -13,15 +13,16 @@ from .reference import noise_layout
 @triton.jit
 def _gaussian_noise_kernel(
     out, B, D, C, S, seed, offset, n_col_blocks,
-    CHANNELS_LAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows, cols, mask = tu.tile_index(pid, n_col_blocks, B, D, BLOCK_B, BLOCK_D)
     noise = tu.seeded_randn(seed, offset, tu.logical_index(rows, cols, D, C, S, CHANNELS_LAST))
-    tl.store(out + rows * D + cols, noise.to(out.dtype.element_ty), mask=mask)
+    tu.store_tile(out, noise, pid, rows * D + cols, mask, B, FLAT, BLOCK_B, BLOCK_D)
 
 
-tu.register_kernel(_gaussian_noise_kernel, pointers={"out": None}, constexprs={"CHANNELS_LAST": (False, True)},
+tu.register_kernel(_gaussian_noise_kernel, pointers={"out": None},
+                   constexprs={"CHANNELS_LAST": (False, True), "FLAT": (False, True)},
                    scalars={"seed": "i64", "offset": "i64"})
 
 
@@ -34,5 +35,5 @@ def gaussian_noise(like: torch.Tensor, seed: int, offset: int, dtype: torch.dtyp
     c, s, cl = tu.channels(out, is_channels_last(out))
     grid, bb, bd, warps, n_col = tu.launch_grid(batch, numel)
     tu.launch(_gaussian_noise_kernel, grid, (out, batch, numel, c, s, seed, offset, n_col),
-              dict(CHANNELS_LAST=cl, BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
+              dict(CHANNELS_LAST=cl, FLAT=tu.is_flat(numel, bd), BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
     return out

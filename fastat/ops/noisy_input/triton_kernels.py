@@ -21,7 +21,7 @@ def _noisy_input_fwd_kernel(
     x0, noise, delta, out, alpha_ptr, alpha_s, sigma_ptr, sigma_s,
     B, D, C, S, seed, noise_offset, n_col_blocks,
     ALPHA_T: tl.constexpr, SIGMA_T: tl.constexpr, HAS_DELTA: tl.constexpr, SEEDED: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows, cols, mask = tu.tile_index(pid, n_col_blocks, B, D, BLOCK_B, BLOCK_D)
@@ -31,18 +31,18 @@ def _noisy_input_fwd_kernel(
     if SEEDED:
         eps = tu.seeded_randn(seed, noise_offset, tu.logical_index(rows, cols, D, C, S, CHANNELS_LAST))
     else:
-        eps = tl.load(noise + offs, mask=mask, other=0.0).to(tl.float32)
-    y = alpha * tl.load(x0 + offs, mask=mask, other=0.0).to(tl.float32) + sigma * eps
+        eps = tu.load_tile(noise, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D)
+    y = alpha * tu.load_tile(x0, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D) + sigma * eps
     if HAS_DELTA:
-        y += tl.load(delta + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out + offs, y.to(out.dtype.element_ty), mask=mask)
+        y += tu.load_tile(delta, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D)
+    tu.store_tile(out, y, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D)
 
 
 tu.register_kernel(
     _noisy_input_fwd_kernel,
     pointers=dict.fromkeys(["x0", "noise", "delta", "out"]) | {"alpha_ptr": "fp32", "sigma_ptr": "fp32"},
     constexprs={"ALPHA_T": (False, True), "SIGMA_T": (False, True), "HAS_DELTA": (False, True), "SEEDED": (False, True),
-                "CHANNELS_LAST": (False, True)},
+                "CHANNELS_LAST": (False, True), "FLAT": (False, True)},
     scalars={"alpha_s": "fp32", "sigma_s": "fp32", "seed": "i64", "noise_offset": "i64"},
 )
 
@@ -51,24 +51,25 @@ tu.register_kernel(
 def _noisy_input_bwd_kernel(
     grad, grad_x0, grad_noise, alpha_ptr, alpha_s, sigma_ptr, sigma_s, B, D, n_col_blocks,
     ALPHA_T: tl.constexpr, SIGMA_T: tl.constexpr, WANT_X0: tl.constexpr, WANT_NOISE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    FLAT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows, cols, mask = tu.tile_index(pid, n_col_blocks, B, D, BLOCK_B, BLOCK_D)
     offs = rows * D + cols
-    g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tu.load_tile(grad, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D)
     if WANT_X0:
         alpha = tu.row_coef(alpha_ptr, alpha_s, rows, rows < B, ALPHA_T)
-        tl.store(grad_x0 + offs, (alpha * g).to(grad_x0.dtype.element_ty), mask=mask)
+        tu.store_tile(grad_x0, alpha * g, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D)
     if WANT_NOISE:
         sigma = tu.row_coef(sigma_ptr, sigma_s, rows, rows < B, SIGMA_T)
-        tl.store(grad_noise + offs, (sigma * g).to(grad_noise.dtype.element_ty), mask=mask)
+        tu.store_tile(grad_noise, sigma * g, pid, offs, mask, B, FLAT, BLOCK_B, BLOCK_D)
 
 
 tu.register_kernel(
     _noisy_input_bwd_kernel,
     pointers=dict.fromkeys(["grad", "grad_x0", "grad_noise"]) | {"alpha_ptr": "fp32", "sigma_ptr": "fp32"},
-    constexprs={"ALPHA_T": (False, True), "SIGMA_T": (False, True), "WANT_X0": (False, True), "WANT_NOISE": (False, True)},
+    constexprs={"ALPHA_T": (False, True), "SIGMA_T": (False, True), "WANT_X0": (False, True), "WANT_NOISE": (False, True),
+                "FLAT": (False, True)},
     scalars={"alpha_s": "fp32", "sigma_s": "fp32"},
 )
 
@@ -89,7 +90,7 @@ def noisy_input(x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, 
         x0 if alpha is None else alpha, alpha_s, x0 if sigma is None else sigma, sigma_s,
         batch, numel, c, s, seed, offset, n_col,
     ), dict(ALPHA_T=alpha is not None, SIGMA_T=sigma is not None, HAS_DELTA=delta is not None, SEEDED=seeded,
-            CHANNELS_LAST=cl, BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
+            CHANNELS_LAST=cl, FLAT=tu.is_flat(numel, bd), BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
     return out
 
 
@@ -108,5 +109,5 @@ def noisy_input_backward(grad, alpha, sigma, alpha_s, sigma_s, x0_dtype, noise_d
         grad, gx if want_x0 else grad, gn if want_noise else grad,
         grad if alpha is None else alpha, alpha_s, grad if sigma is None else sigma, sigma_s, batch, numel, n_col,
     ), dict(ALPHA_T=alpha is not None, SIGMA_T=sigma is not None, WANT_X0=want_x0, WANT_NOISE=want_noise,
-            BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
+            FLAT=tu.is_flat(numel, bd), BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
     return gx, gn
