@@ -79,7 +79,7 @@ TARGETS = {
 OPS_PLAN = [
     ("cifar", (128, 3, 32, 32), "float32", ("noisy_input", "pgd_step_l2", "equivariant_mse", "chain")),
     ("pixel512", (32, 3, 512, 512), "float32", ("chain",)),
-    ("flat16M", (1, 16 * 2**20), "float32", ()),
+    ("flat16m", (1, 16 * 2**20), "float32", ()),
     ("pixel512", (32, 3, 512, 512), "bfloat16", ()),
     ("toy2d", (65536, 2), "float32", ()),
 ]
@@ -496,17 +496,32 @@ def bench_markdown(meta: dict, rows: List[dict]) -> str:
         return f"markdown not rendered ({type(exc).__name__}: {exc}); see bench.json"
 
 
+AUDIT_JSON = ROOT / "benchmarks" / "results" / "kernel-audit.json"
+
+
+def _audit_rows() -> Dict[tuple, dict]:
+    """The CPU kernel audit's estimates (tools/kernel_audit.py), keyed like the bench rows."""
+    data = _read_json(AUDIT_JSON) or {}
+    return {(r["case"], r["shape"].split(" ")[0], r["dtype"], r["provider"]): r for r in data.get("rows", [])
+            if "est_pct_of_copy" in r}
+
+
 def device_table(ops: List[dict]) -> str:
-    """Per case, shape and provider: event ms per call, the profiler's kernels and device us, device % of copy."""
-    lines = ["## device view (CUDA profiler)", "",
+    """Per case, shape and provider: event ms per call, the profiler's kernels and device us, device % of copy, and
+    beside them the CPU audit's launches and estimated % of copy for the same case where it has one."""
+    audit = _audit_rows()
+    lines = ["## device view (CUDA profiler) beside the CPU kernel audit", "",
              "Event ms = one call between CUDA events (host gaps included); kernels and device us = the profiler's "
-             "count and summed kernel time per call; % copy = bytes moved / device time against the copy.", "",
-             "| case | shape | provider | event ms | kernels | device us | % copy (device) |",
-             "|---|---|---|---|---|---|---|"]
+             "count and summed kernel time per call (autograd's own seed kernels included); % copy = bytes moved / "
+             "device time against the copy. Audit = `benchmarks/results/kernel-audit.json` (estimated on a CPU).", "",
+             "| case | shape | provider | event ms | kernels | device us | % copy (device) | audit launches | "
+             "audit est. % copy |", "|---|---|---|---|---|---|---|---|---|"]
     for r in ops:
         if "device_us" in r:
+            a = audit.get((r["case"], r["shape"].split(" ")[0], r["dtype"], r["provider"]), {})
             lines.append(f"| {r['case']} | {r['shape']} | {r['provider']} | {r['median_ms']:.3f} | {r['kernels']:g} | "
-                         f"{r['device_us']:.1f} | {r['device_pct_of_copy']:.1f} |")
+                         f"{r['device_us']:.1f} | {r['device_pct_of_copy']:.1f} | {a.get('launches', '-')} | "
+                         f"{a.get('est_pct_of_copy', '-')} |")
     return "\n".join(lines)
 
 
