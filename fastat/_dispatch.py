@@ -53,8 +53,12 @@ LIBRARY = torch.library.Library("fastat", "DEF")
 # The compiled backends' namespaces: the same schemas, for their C++ kernels to register against.
 BACKEND_LIBRARIES = {backend: torch.library.Library(_ext.NAMESPACES[backend], "DEF") for backend in COMPILED}
 
-# Order tried by "auto" per device type before the reference (per op overrides: `set_auto_order`).
-AUTO_ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
+# Order tried by "auto" per device type before the reference (per op overrides: `set_auto_order`). CUDA tensors:
+# the cuda kernels first where the extension is built, else triton. Measured on an H200 (first GPU run,
+# benchmarks/results/gpu-h200-2026-11-30-first-run): cuda took at most triton's time per call in all 45 op x shape
+# cells (128x3x32x32 to 32x3x512x512, fp32 and bf16, 65536x2, 1x16M); both backends have been rewritten since, so the
+# next GPU run measures this again (tools/gpu_acceptance.sh).
+AUTO_ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
 _AUTO_ORDER_PER_OP: Dict[Tuple[str, str], Tuple[str, ...]] = {}
 _AUTO_MIN_OVERRIDE: Dict[Tuple[str, str], int] = {}
 _WARNED: set = set()
