@@ -122,8 +122,9 @@ class _Batch:
         self.x0 = x0
         self.table = table
         self.timesteps, self.noise = draw_timesteps_noise(x0, timesteps, noise, alphas_cumprod_of(table).numel(), generator)
-        alpha, sigma = alpha_sigma(table, self.timesteps)
         self.pdtype = perturbation_dtype(x0)
+        # float64 coefficients for float64 data: a float64 loop written from the formulas agrees to rounding.
+        alpha, sigma = alpha_sigma(table, self.timesteps, self.pdtype)
         self.model_dtype = x0.dtype
         self.alpha, self.sigma = alpha.to(x0.device, self.pdtype), sigma.to(x0.device, self.pdtype)
         self.prediction_type = prediction_type
