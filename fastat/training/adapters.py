@@ -25,7 +25,7 @@ from .._shapes import column
 from ..ops.losses import equivariant_mse
 from ..ops.noisy_input import noisy_input
 from . import attack
-from ._common import SameRandomness, perturbation_dtype, unwrap_output
+from ._common import SameRandomness, perturbation_dtype, running_stat_modules, unwrap_output
 from ._options import check_eps, check_float, check_norm, check_steps
 from .diffusion import diffusion_adv_loss
 
@@ -110,6 +110,6 @@ class EDMAdvLoss:
             _, x_in, _ = attack.ascend(
                 lambda x, _d: equivariant_mse(denoise(x), y, None, 1.0, "original", weight, "sum"), x_noisy, delta,
                 steps=plan.steps, step_size=plan.step_size, radius=plan.radius, norm=plan.norm, x_in=x_in,
-                scaler=self.scaler, model_dtype=y.dtype)
+                scaler=self.scaler, model_dtype=y.dtype, norm_layers=running_stat_modules(net))
         d_yn = denoise(x_in)
         return column(weight, y) * (d_yn.to(acc) - y.to(acc)) ** 2

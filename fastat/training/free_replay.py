@@ -6,7 +6,7 @@ One call of ``.step(x0)`` runs K replays of the same batch (same x0, noise and t
     repeat K times:
         forward/backward once -> weight gradients AND d loss / d delta (one backward, no attack pass)
         optimizer step (GradScaler, gradient clipping, EMA and LR-scheduler hooks run per replay)
-        g = delta.grad / loss_scale (/ 2^20 with at_diff_grad_scale, as AT_Diff's loop)
+        g = delta.grad / loss_scale (at_diff_grad_scale without a scaler: / 2^20, as AT_Diff's fp32 loop)
         delta, x_in = pgd_step(delta, g, alpha, R, norm, model_input_base=x_t)   # next input, same pass
 
 method="p1": the P1 loss (target modes as in diffusion_adv_loss). Cost per optimizer step: 1 F + 1 Bw.
@@ -212,6 +212,9 @@ class FreeReplay:
         {"losses": [K] detached losses, "delta": the final perturbation(s), a list with one tensor per
         micro-batch (omega for P2)}. The batch's draws (timesteps and noise when not given, then the starts)
         come from ``generator`` before the first replay; each replay's passes share one RNG state."""
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            raise RuntimeError("FreeReplay.step trains (a backward and an optimizer step per replay); it cannot run "
+                               "under torch.no_grad() or torch.inference_mode()")
         check_tensor("x0", x0)
         check_generator(generator)
         model_kwargs = check_model_kwargs(model_kwargs)
@@ -293,7 +296,7 @@ class FreeReplay:
         if self.method == "p1":
             plan = state.plan
             state.delta, state.x_in = attack.step(state.delta, g, plan.step_size, plan.radius, plan.norm, b.x_t,
-                                                  b.model_dtype, plan.grad_divisor)
+                                                  b.model_dtype, attack.effective_divisor(plan.grad_divisor, self.scaler))
             return
         factor = P2_STEP_FACTOR if self.opts["alpha"] is None else float(self.opts["alpha"])
         u_radius = b.sigma * state.radius
@@ -320,7 +323,8 @@ class FreeReplay:
             g = leaf_grad_sum((d.grad,), d, scale)
             self._optimizer_step()
             losses.append(out["loss"].detach())
-            delta, _ = attack.step(d.detach(), g, plan.step_size, plan.radius, plan.norm, None, acc, plan.grad_divisor)
+            delta, _ = attack.step(d.detach(), g, plan.step_size, plan.radius, plan.norm, None, acc,
+                                   attack.effective_divisor(plan.grad_divisor, self.scaler))
         return {"losses": losses, "delta": [delta]}
 
 
