@@ -20,7 +20,11 @@ method="cm": consistency_adv_loss with the given perturbation (``loss_kwargs`` a
     + the no-grad target pass per replay (the EMA target moves between replays).
 
 Gradient accumulation: ``grad_accum_steps=M`` splits x0 into M micro-batches, each with its own
-perturbation; under DDP the first M-1 backwards run under ``no_sync``. ``weights`` (per-sample loss
+perturbation; under DDP the first M-1 backwards run under ``no_sync``. Each micro-batch loss is divided by M,
+so the gradient is that of the whole batch's mean (guided-diffusion / AT_Diff's ``microbatch`` loop sums the
+micro-batch means instead: M times larger gradients, the same perturbation steps up to the 1e-8 norm floor).
+The returned perturbation is the one after the K-th update (SPEC's loop); AT_Diff's loop stops before that
+update, so its last delta (and its logged delta_norm) is the one replay K trained on. ``weights`` (per-sample loss
 weights, e.g. importance sampling) multiply each sample's loss: the replayed loss is mean_i(w_i * loss_i).
 """
 from __future__ import annotations
