@@ -391,3 +391,35 @@ def test_channels_last_model_sees_channels_last_inputs_everywhere():
         fastat.diffusion_adv_loss(model, x0, alphas_cumprod=table, method="input_perturbation")
         fastat.consistency_adv_loss(model, None, x0, method="pgd", steps=1)
     assert seen and all(seen)
+
+
+# ------------------------------------------------------------------------------------------------- EDM
+
+
+def test_edm_loss_draws_in_edm_order_with_an_augmentation_pipe():
+    """EDM's EDMLoss as published: ln(sigma)'s normal, then the augmentation pipe's draws, then the noise, all from
+    the global generator; EDMAdvLoss(method="standard") must give the same per-element loss from the same seed."""
+
+    def edm_loss(net, images, augment_pipe, p_mean=-1.2, p_std=1.2, sigma_data=0.5):
+        rnd_normal = torch.randn([images.shape[0], 1, 1, 1], device=images.device)
+        sigma = (rnd_normal * p_std + p_mean).exp()
+        weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+        y, augment_labels = augment_pipe(images)
+        n = torch.randn_like(y) * sigma
+        return weight * ((net(y + n, sigma, None, augment_labels=augment_labels) - y) ** 2)
+
+    def augment_pipe(images):  # a random flip: draws from the global generator, returns (y, augment_labels)
+        flip = (torch.rand(images.shape[0], 1, 1, 1) < 0.5).to(images)
+        return images * (1 - 2 * flip), flip.reshape(-1, 1)
+
+    conv = torch.nn.Conv2d(C, C, 3, padding=1)
+
+    def net(x, sigma, labels, augment_labels=None):
+        return conv(x) * sigma.reshape(-1, 1, 1, 1) + col(augment_labels[:, 0])
+
+    images = torch.randn(B, C, H, H)
+    torch.manual_seed(9)
+    want = edm_loss(net, images, augment_pipe)
+    torch.manual_seed(9)
+    got = fastat.EDMAdvLoss(method="standard")(net, images, augment_pipe=augment_pipe)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
