@@ -423,3 +423,28 @@ def test_edm_loss_draws_in_edm_order_with_an_augmentation_pipe():
     torch.manual_seed(9)
     got = fastat.EDMAdvLoss(method="standard")(net, images, augment_pipe=augment_pipe)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_free_replay_reports_per_sample_losses_for_a_loss_aware_sampler():
+    """AT_Diff's loop feeds losses["loss"] (per sample, before the importance weights) of every replay to the
+    loss-second-moment sampler: FreeReplay returns them with the timesteps."""
+    x0, t, w, noise, y = _official_batch(2)
+    torch.manual_seed(3)
+    model = ConvNet(out=2 * C).double()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.01)
+    delta, want = torch.zeros_like(x0), []
+    for _ in range(2):
+        opt.zero_grad()
+        d = delta.clone().requires_grad_(True)
+        losses = _training_losses(ref, x0, t, y, noise, d, "delta_detach")
+        want.append(losses.detach())
+        (losses * w).mean().backward()
+        opt.step()
+        delta = l2_step(delta, d.grad, 0.1, 0.1 * math.sqrt(x0[0].numel()))
+    out = fastat.FreeReplay(model, torch.optim.SGD(model.parameters(), lr=0.01), 2, alphas_cumprod=ABAR,
+                            learn_sigma=True, rescale_learned_sigmas=True, grad_accum_steps=2).step(
+        x0, t, noise, model_kwargs={"y": y}, weights=w)
+    assert torch.equal(out["timesteps"], t) and len(out["loss_per_sample"]) == 2
+    for got, exp in zip(out["loss_per_sample"], want):
+        torch.testing.assert_close(got, exp, atol=1e-12, rtol=1e-12)
