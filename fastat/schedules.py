@@ -51,9 +51,9 @@ def alphas_cumprod_of(table: Table) -> torch.Tensor:
     return table.to(torch.float64)
 
 
-def alpha_sigma(table: Table, timesteps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample (alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)), formed in float64, returned in fp32
-    on the device of `timesteps`."""
+def alpha_sigma(table: Table, timesteps: torch.Tensor, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)), formed in float64, returned in `dtype`
+    (fp32 by default; the training losses ask for float64 with float64 data) on the device of `timesteps`."""
     abar = alphas_cumprod_of(table)
     if not isinstance(timesteps, torch.Tensor) or timesteps.dtype.is_floating_point or timesteps.dtype == torch.bool:
         raise TypeError(f"timesteps must be an integer tensor, got {getattr(timesteps, 'dtype', type(timesteps))}")
@@ -62,7 +62,7 @@ def alpha_sigma(table: Table, timesteps: torch.Tensor) -> Tuple[torch.Tensor, to
         if lo < 0 or hi >= abar.numel():
             raise ValueError(f"timesteps must lie in [0, {abar.numel() - 1}], got values in [{lo}, {hi}]")
     abar_t = abar.to(timesteps.device)[timesteps.reshape(-1).long()]
-    return abar_t.sqrt().float(), (1.0 - abar_t).sqrt().float()
+    return abar_t.sqrt().to(dtype), (1.0 - abar_t).sqrt().to(dtype)
 
 
 def karras_sigmas(

@@ -98,6 +98,10 @@ def test_q_sample_matches_hand_formula(schedule):
 
     torch.testing.assert_close(fastat.q_sample(x0, noise, t, SimpleNamespace(alphas_cumprod=table), delta), out)
     assert fastat.q_sample(x0, noise, t, table).dtype == torch.float32
+    # float64 data: float64 coefficients (a float64 loop written from the formula agrees to rounding)
+    out64 = fastat.q_sample(x0.double(), noise.double(), t, table, delta.double())
+    torch.testing.assert_close(out64, hand_noisy_input(x0.double(), noise.double(), alpha, sigma, delta.double()),
+                               atol=1e-14, rtol=1e-14)
 
 
 def test_empty_batch_and_tiny_shapes():

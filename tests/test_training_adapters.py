@@ -46,7 +46,7 @@ def test_edm_loss_matches_explicit_loop():
 
     y = torch.randn(5, 2, dtype=torch.float64)
     gen = torch.Generator().manual_seed(3)
-    rnd = torch.randn(5, generator=gen, dtype=torch.float64)
+    rnd = torch.randn(5, generator=gen).double()  # EDM draws ln(sigma)'s normal in the default dtype
     z = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     sigma = (rnd * 1.2 - 1.2).exp()[:, None]
     weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2

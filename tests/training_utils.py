@@ -37,8 +37,9 @@ def make(seed: int = 0, batch: int = 6, dim: int = 2, dropout: float = 0.0):
 
 
 def coefs(t):
-    a, s = schedules.alpha_sigma(TABLE, t)
-    return a.double()[:, None], s.double()[:, None]
+    """sqrt(abar_t), sqrt(1 - abar_t) in float64 as [B, 1] columns."""
+    abar = TABLE[t]
+    return abar.sqrt()[:, None], (1.0 - abar).sqrt()[:, None]
 
 
 def l2_step(d, g, step, radius):

@@ -22,7 +22,7 @@ using std::isfinite;
 using std::pow;
 using std::sqrt;
 
-constexpr float kNormFloor = 1e-8f;    // the official P1 code's max(||.||, 1e-8)
+constexpr double kNormFloor = 1e-8;    // the official P1 code's max(||.||, 1e-8); exact in fp64 (A(kNormFloor))
 
 // fp32 accumulation for fp32/fp16/bf16, fp64 for fp64.
 template <typename T> struct Acc { using type = float; };

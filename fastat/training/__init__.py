@@ -41,6 +41,10 @@ Mechanics:
   DDPM-IP's xi / P2's omega) with ``generator`` or the global generator; every pass then replays one RNG
   state (``same_dropout=True``), so the compared passes (P2 clean/perturbed, attack/final, CM
   student/target) see the same dropout mask, and the global generator is left where one pass left it.
+- BatchNorm: attack passes (and P2 low_memory's recompute) restore the running statistics they moved, so
+  only the passes that form the loss update them (``keep_running_stats``); they still use batch statistics.
+- Grad mode: under torch.no_grad() the losses run their attack and return a loss without a graph;
+  inference mode refuses the attack; FreeReplay.step refuses both.
 - Pure low precision: the model is fed x0's dtype (bf16/fp16 weights and data need no autocast); the
   perturbation stays fp32.
 - One attack loop (attack.py) for every loss and for fastat.eval: x_t formed once, the next model input

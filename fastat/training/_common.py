@@ -112,6 +112,37 @@ def _fsdp2_no_sync(model):
         model.set_requires_gradient_sync(True)
 
 
+def running_stat_modules(model) -> list:
+    """The normalisation layers of ``model`` (an nn.Module, or a wrapper of one) that update running statistics
+    in this forward: BatchNorm / SyncBatchNorm / InstanceNorm(track_running_stats=True) in training mode.
+    A plain callable exposes none."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+            and m.training and m.track_running_stats and m.running_mean is not None]
+
+
+@contextlib.contextmanager
+def keep_running_stats(modules):
+    """Run a pass that must leave running statistics unchanged (an attack pass, a checkpoint's recompute):
+    it still normalises with the batch's statistics, as the training pass does; the buffers are restored after."""
+    if not modules:
+        yield
+        return
+    saved = [(m, m.running_mean.clone(), m.running_var.clone(),
+              m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in modules]
+    try:
+        yield
+    finally:
+        # Through .data: an earlier training pass's graph saved these buffers (batch_norm's backward takes them
+        # but, in training mode, never reads them), so a tracked in-place write would fail its version check.
+        for m, mean, var, count in saved:
+            m.running_mean.data.copy_(mean)
+            m.running_var.data.copy_(var)
+            if count is not None:
+                m.num_batches_tracked.data.copy_(count)
+
+
 class SameRandomness:
     """One RNG state shared by the compared passes of a call, so dropout draws the same mask in each
     (consistency-models practice: ``state = get_rng_state(); ...; set_rng_state(state)``).
@@ -204,14 +235,20 @@ def draw_timesteps_noise(x0, timesteps, noise, num_timesteps: int, generator):
     else:
         check_timesteps("timesteps", timesteps, x0)
     if noise is None:
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        if x0.is_contiguous(memory_format=torch.channels_last) and x0.ndim == 4:
-            noise = noise.contiguous(memory_format=torch.channels_last)
+        noise = standard_normal(x0, x0.dtype, generator)
     elif not isinstance(noise, SeededNoise):
         if not isinstance(noise, torch.Tensor):
             raise TypeError(f"noise must be a torch.Tensor or a fastat.SeededNoise, got {type(noise).__name__}")
         check_like("noise", noise, "x0", x0)
     return timesteps, noise
+
+
+def standard_normal(like: torch.Tensor, dtype: torch.dtype, generator) -> torch.Tensor:
+    """N(0, I) of like's shape, drawn in logical order, in like's layout when it is channels_last (4-D)."""
+    out = torch.randn(like.shape, device=like.device, dtype=dtype, generator=generator)
+    if like.ndim == 4 and like.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def check_timesteps(name: str, timesteps, x0: torch.Tensor) -> None:

@@ -9,7 +9,8 @@
 - EDM (Karras et al. 2022): ``EDMAdvLoss(P_mean=-1.2, P_std=1.2, sigma_data=0.5, method=...)`` is called
   like EDM's ``EDMLoss`` as ``loss_fn(net, images, labels=None, augment_pipe=None)`` and returns the
   per-element loss weight(sigma) * (D(y + n + delta; sigma) - y)^2, with
-  sigma = exp(P_mean + P_std * N(0,1)), weight = (sigma^2 + sd^2) / (sigma * sd)^2, n = sigma * N(0, I).
+  sigma = exp(P_mean + P_std * N(0,1)), weight = (sigma^2 + sd^2) / (sigma * sd)^2, n = sigma * N(0, I),
+  drawn in EDM's order (ln sigma's normal in the default dtype, the augmentation pipe, the noise).
   The denoiser predicts y (x0), so P1's folded target is y itself (see _common: x0 is unchanged by delta).
   delta comes from ``steps`` input-gradient steps on the same loss (``method="pgd"``), one step from a
   random start (``"fgsm_rs"``) or none (``"standard"``), through the shared attack loop (attack.py).
@@ -25,7 +26,7 @@ from .._shapes import column
 from ..ops.losses import equivariant_mse
 from ..ops.noisy_input import noisy_input
 from . import attack
-from ._common import SameRandomness, perturbation_dtype, unwrap_output
+from ._common import SameRandomness, perturbation_dtype, running_stat_modules, unwrap_output
 from ._options import check_eps, check_float, check_norm, check_steps
 from .diffusion import diffusion_adv_loss
 
@@ -83,10 +84,12 @@ class EDMAdvLoss:
 
     def __call__(self, net, images: torch.Tensor, labels=None, augment_pipe=None, generator=None):
         check_tensor("images", images)
+        # EDM's order of draws: ln(sigma)'s normal (in the default dtype, as EDM's torch.randn), then the
+        # augmentation pipe's own draws, then the noise; so a seeded run draws what EDMLoss draws.
+        rnd = torch.randn(images.shape[0], device=images.device, dtype=torch.get_default_dtype(), generator=generator)
         y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
         acc = perturbation_dtype(y)
-        rnd = torch.randn(y.shape[0], device=y.device, dtype=acc, generator=generator)
-        sigma = (rnd * self.P_std + self.P_mean).exp()
+        sigma = (rnd.to(acc) * self.P_std + self.P_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         z = torch.randn(y.shape, device=y.device, dtype=y.dtype, generator=generator)
         sig_col = sigma.reshape((-1,) + (1,) * (y.ndim - 1))
@@ -110,6 +113,6 @@ class EDMAdvLoss:
             _, x_in, _ = attack.ascend(
                 lambda x, _d: equivariant_mse(denoise(x), y, None, 1.0, "original", weight, "sum"), x_noisy, delta,
                 steps=plan.steps, step_size=plan.step_size, radius=plan.radius, norm=plan.norm, x_in=x_in,
-                scaler=self.scaler, model_dtype=y.dtype)
+                scaler=self.scaler, model_dtype=y.dtype, norm_layers=running_stat_modules(net))
         d_yn = denoise(x_in)
         return column(weight, y) * (d_yn.to(acc) - y.to(acc)) ** 2

@@ -19,10 +19,12 @@ start and its radius init_mag, AT_Diff's gradient scale) into the numbers of one
     "free"     -       zero (uniform if init_mag)  0.1 | R / 4          (FreeReplay, one step per replay)
 
 eps = math.inf means no projection (AT_Diff's ``adv_max_norm=0``); defaults that need R then need an
-explicit alpha / init_mag. ``at_diff_grad_scale=True`` divides the gradient by 2^20 before the step as
-AT_Diff's loop does (its ``lg_loss_scale`` starts at 20 and only moves under fp16): with the L2 floor
-1e-8 the step becomes alpha * g / max(||g||, 2^20 * 1e-8 ~= 0.0105), shorter for samples with a small
-gradient.
+explicit alpha / init_mag. ``at_diff_grad_scale=True`` divides the gradient by the loss scale before the
+step as AT_Diff's loop does (``delta.grad / 2**lg_loss_scale``). Without fp16 its ``lg_loss_scale`` stays
+20 while the loss is not scaled: the step becomes alpha * g / max(||g||, 2^20 * 1e-8 ~= 0.0105), shorter
+for samples with a small gradient. With fp16 the loss is scaled by that same 2^lg_loss_scale, so the
+division is exactly the unscale: with an enabled GradScaler (whose unscale fastat always applies) the
+flag divides by nothing more (`effective_divisor`).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import torch
 from .._checks import check_choice
 from .._shapes import Coef
 from ..ops.perturbation import pgd_step, random_perturbation, rms_radius
-from ._common import input_grad
+from ._common import input_grad, keep_running_stats
 
 AT_DIFF_GRAD_DIVISOR = 2.0**20
 INITS = {True: "uniform", False: "zero", "uniform": "uniform", "normal": "normal", "zero": "zero"}
@@ -115,6 +117,12 @@ def draw_start(like: torch.Tensor, radius: Coef, norm: str, init: str, generator
     return random_perturbation(like, radius, norm, init, generator, dtype=dtype)
 
 
+def effective_divisor(grad_divisor: float, scaler) -> float:
+    """AT_Diff's division by its loss scale: the unscale itself when a GradScaler is on (already applied to the
+    gradient), else ``grad_divisor`` (2^20 with at_diff_grad_scale, the fp32 run's unused lg_loss_scale)."""
+    return 1.0 if scaler is not None and scaler.is_enabled() else grad_divisor
+
+
 def projection_radius(radius: Union[float, torch.Tensor], delta: torch.Tensor):
     """pgd_step's radius; no projection (math.inf) is the dtype's largest value, where P_R is the identity."""
     if isinstance(radius, float) and math.isinf(radius):
@@ -152,26 +160,35 @@ def ascend(
     scaler=None,
     grad_divisor: float = 1.0,
     model_dtype: Optional[torch.dtype] = None,
+    norm_layers=(),
 ):
     """`steps` projected ascent steps on delta (module docstring); loss_fn(x_in, delta) -> the attack loss
-    summed over the batch. Returns (delta, x_in, last gradient or None), all without a graph."""
+    summed over the batch. Returns (delta, x_in, last gradient or None), all without a graph.
+    ``norm_layers`` (running_stat_modules of the model): their running statistics are restored after each
+    attack pass, so only the passes that form the loss update them. Needs autograd: refuses inference mode
+    (under torch.no_grad() the input gradients are still taken)."""
+    if steps and torch.is_inference_mode_enabled():
+        raise RuntimeError("the attack takes input gradients and cannot run under torch.inference_mode(); use "
+                           "torch.no_grad() to evaluate an adversarial loss (the attack runs, the loss has no graph)")
     model_dtype = x_base.dtype if model_dtype is None else model_dtype
+    grad_divisor = effective_divisor(grad_divisor, scaler)
     if x_in is None:
         x_in = first_input(x_base, delta, False, model_dtype)
     grad = None
     for _ in range(steps):
         x_leaf = x_in.detach().requires_grad_(True)
         d_leaf = delta.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), keep_running_stats(norm_layers):
             grad = input_grad(loss_fn(x_leaf, d_leaf), (x_leaf, d_leaf), scaler)
         delta, x_in = step(d_leaf.detach(), grad, step_size, radius, norm, x_base, model_dtype, grad_divisor)
     return delta, x_in.detach(), grad
 
 
 def run_plan(plan: AttackPlan, loss_fn, x_base: torch.Tensor, like: torch.Tensor, generator, dtype: torch.dtype,
-             model_dtype: torch.dtype, scaler=None):
+             model_dtype: torch.dtype, scaler=None, norm_layers=()):
     """Start and ascend as `plan` says: (delta, x_in, last gradient or None)."""
     delta = plan.start(like, generator, dtype)
     x_in = first_input(x_base, delta, plan.init == "zero", model_dtype)
     return ascend(loss_fn, x_base, delta, steps=plan.steps, step_size=plan.step_size, radius=plan.radius,
-                  norm=plan.norm, x_in=x_in, scaler=scaler, grad_divisor=plan.grad_divisor, model_dtype=model_dtype)
+                  norm=plan.norm, x_in=x_in, scaler=scaler, grad_divisor=plan.grad_divisor, model_dtype=model_dtype,
+                  norm_layers=norm_layers)

@@ -38,7 +38,8 @@ from ..ops.noisy_input import noisy_input
 from ..ops.perturbation import per_sample_norm
 from .. import schedules
 from . import attack
-from ._common import SameRandomness, call_model, inner_model, no_sync, perturbation_dtype, unwrap_output
+from ._common import (SameRandomness, call_model, inner_model, no_sync, perturbation_dtype, running_stat_modules,
+                      standard_normal, unwrap_output)
 from ._options import check_bools, check_generator, check_model_kwargs, check_scaler, resolve_aliases
 
 CM_METHODS = ("none", "pgd", "fgsm_rs")
@@ -191,7 +192,7 @@ def consistency_adv_loss(
             indices = torch.randint(0, sigmas.numel() - 1, (batch,), generator=_cpu_gen(generator))
     indices = _check_indices(indices, batch, sigmas.numel())
     if noise is None:
-        noise = torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator)
+        noise = standard_normal(x0, x0.dtype, generator)
     elif not isinstance(noise, SeededNoise):
         check_tensor("noise", noise)
         if noise.shape != x0.shape:
@@ -231,7 +232,8 @@ def consistency_adv_loss(
         x_in = attack.first_input(x_n1, delta, plan.init == "zero", acc)
         delta, x_in, grad = attack.ascend(attack_loss, x_n1, delta, steps=plan.steps, step_size=plan.step_size,
                                           radius=plan.radius, norm=plan.norm, x_in=x_in, scaler=scaler,
-                                          grad_divisor=plan.grad_divisor, model_dtype=acc)
+                                          grad_divisor=plan.grad_divisor, model_dtype=acc,
+                                          norm_layers=running_stat_modules(model))
     per = consistency_distance(student(model, x_in), target, metric, huber_c, weight=lam, reduction="none")
     if weights is not None:
         per = per * weights.to(per.dtype)

@@ -31,10 +31,13 @@ from ._common import (
     call_model,
     draw_timesteps_noise,
     inner_model,
+    keep_running_stats,
     no_sync,
     p1_loss,
     p1_target,
     perturbation_dtype,
+    running_stat_modules,
+    standard_normal,
     to_epsilon,
 )
 from ._options import (
@@ -122,8 +125,9 @@ class _Batch:
         self.x0 = x0
         self.table = table
         self.timesteps, self.noise = draw_timesteps_noise(x0, timesteps, noise, alphas_cumprod_of(table).numel(), generator)
-        alpha, sigma = alpha_sigma(table, self.timesteps)
         self.pdtype = perturbation_dtype(x0)
+        # float64 coefficients for float64 data: a float64 loop written from the formulas agrees to rounding.
+        alpha, sigma = alpha_sigma(table, self.timesteps, self.pdtype)
         self.model_dtype = x0.dtype
         self.alpha, self.sigma = alpha.to(x0.device, self.pdtype), sigma.to(x0.device, self.pdtype)
         self.prediction_type = prediction_type
@@ -132,6 +136,11 @@ class _Batch:
         self.generator = generator
         self.rng = SameRandomness(x0.device, same_dropout)
         self.learn_sigma, self.rescale_vb = learn_sigma, rescale_vb
+
+    @functools.cached_property
+    def norm_layers(self) -> list:
+        """Normalisation layers whose running statistics attack passes and recomputes must not move."""
+        return running_stat_modules(self.model)
 
     @functools.cached_property
     def x_t(self) -> torch.Tensor:
@@ -166,9 +175,13 @@ class _Batch:
         """The forward at x without holding its graph: backward recomputes it (same dropout mask), after the
         branches created later have released theirs. Runs on the inner module (no DDP hooks in backward)."""
 
+        calls = []
+
         def run(inp):
             self.rng.replay()
-            return call_model(self.attack_model, inp, self.timesteps, self.kwargs)
+            calls.append(None)  # the second call is backward's recompute: it must not update running stats again
+            with keep_running_stats(self.norm_layers if len(calls) > 1 else ()):
+                return call_model(self.attack_model, inp, self.timesteps, self.kwargs)
 
         return self.split(torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False))
 
@@ -213,7 +226,7 @@ def _p1(b: _Batch, method: str, plan: Optional[attack.AttackPlan], opts, scaler)
         mse, vb = p1_terms(b, b.x_t, None, "original")
         return {"mse": mse, "vb": vb, "delta": None}
     if method == "input_perturbation":  # DDPM-IP: everything, VB included, at the perturbed input
-        xi = torch.randn(b.x0.shape, device=b.x0.device, dtype=b.pdtype, generator=b.generator)
+        xi = standard_normal(b.x0, b.pdtype, b.generator)
         delta = column(b.sigma, xi) * float(opts["eps"]) * xi
         mse, vb = p1_terms(b, b.noisy(delta), None, "original")
         return {"mse": mse, "vb": vb, "delta": delta}
@@ -224,7 +237,8 @@ def _p1(b: _Batch, method: str, plan: Optional[attack.AttackPlan], opts, scaler)
         mse, vb = p1_terms(b, x_in, delta, target, attack=True)
         return (mse + vb).sum()
 
-    delta, x_in, grad = attack.run_plan(plan, attack_loss, b.x_t, b.x0, b.generator, b.pdtype, b.model_dtype, scaler)
+    delta, x_in, grad = attack.run_plan(plan, attack_loss, b.x_t, b.x0, b.generator, b.pdtype, b.model_dtype, scaler,
+                                        b.norm_layers)
     mse, vb = p1_terms(b, x_in, delta, target)
     return {"mse": mse, "vb": vb, "delta": delta, "grad": grad}
 
@@ -289,7 +303,8 @@ def _p2(b: _Batch, method, opts, p2, radius_fn, detach_anchor, regularizer, batc
                 return _j(to_epsilon(b.forward(x_in, attack=True)[0], x_in, b.alpha, b.sigma, pt), anchor)
 
         u, x_pert, grad = attack.ascend(attack_j, b.x_t, u, steps=1, step_size=factor * u_radius, radius=u_radius,
-                                        norm="linf", x_in=x_pert, scaler=scaler, model_dtype=b.model_dtype)
+                                        norm="linf", x_in=x_pert, scaler=scaler, model_dtype=b.model_dtype,
+                                        norm_layers=b.norm_layers)
         grad = grad * s  # reported as d J / d omega
     mse, reg, vb = p2_terms(b, u, x_pert, lam_t, detach_anchor=detach_anchor, regularizer=regularizer,
                             batch_branches=batch_branches, low_memory=low_memory, clean=clean)
@@ -363,7 +378,8 @@ def diffusion_adv_loss(
                     (AT_Diff's ``adv_init_mag``): the start's radius in eps's units (> 0 implies a uniform
                     start; 0 a zero start; default eps). ``target``: "delta_detach" (default), "delta",
                     "original". ``at_diff_grad_scale=True``: divide the perturbation's gradient by 2^20
-                    as AT_Diff's loop does (shorter steps where ||g|| < ~0.0105; see attack.py).
+                    as AT_Diff's fp32 loop does (shorter steps where ||g|| < ~0.0105; with an enabled
+                    ``scaler`` only the unscale, as its fp16 loop; see attack.py).
                     ``alpha_mode="cifar_ratio"`` scales the L2 step by sqrt(D / 3072) so that ||delta|| / ||eps||
                     is the official CIFAR-10 run's at any D (see p1_step_size).
       "fgsm_rs":    one step from a uniform random start, step ``alpha`` = 1.25 * R by default.

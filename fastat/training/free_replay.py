@@ -6,7 +6,7 @@ One call of ``.step(x0)`` runs K replays of the same batch (same x0, noise and t
     repeat K times:
         forward/backward once -> weight gradients AND d loss / d delta (one backward, no attack pass)
         optimizer step (GradScaler, gradient clipping, EMA and LR-scheduler hooks run per replay)
-        g = delta.grad / loss_scale (/ 2^20 with at_diff_grad_scale, as AT_Diff's loop)
+        g = delta.grad / loss_scale (at_diff_grad_scale without a scaler: / 2^20, as AT_Diff's fp32 loop)
         delta, x_in = pgd_step(delta, g, alpha, R, norm, model_input_base=x_t)   # next input, same pass
 
 method="p1": the P1 loss (target modes as in diffusion_adv_loss). Cost per optimizer step: 1 F + 1 Bw.
@@ -20,7 +20,11 @@ method="cm": consistency_adv_loss with the given perturbation (``loss_kwargs`` a
     + the no-grad target pass per replay (the EMA target moves between replays).
 
 Gradient accumulation: ``grad_accum_steps=M`` splits x0 into M micro-batches, each with its own
-perturbation; under DDP the first M-1 backwards run under ``no_sync``. ``weights`` (per-sample loss
+perturbation; under DDP the first M-1 backwards run under ``no_sync``. Each micro-batch loss is divided by M,
+so the gradient is that of the whole batch's mean (guided-diffusion / AT_Diff's ``microbatch`` loop sums the
+micro-batch means instead: M times larger gradients, the same perturbation steps up to the 1e-8 norm floor).
+The returned perturbation is the one after the K-th update (SPEC's loop); AT_Diff's loop stops before that
+update, so its last delta (and its logged delta_norm) is the one replay K trained on. ``weights`` (per-sample loss
 weights, e.g. importance sampling) multiply each sample's loss: the replayed loss is mean_i(w_i * loss_i).
 """
 from __future__ import annotations
@@ -209,9 +213,14 @@ class FreeReplay:
     def step(self, x0: torch.Tensor, timesteps=None, noise=None, model_kwargs=None, generator=None,
              weights=None) -> Dict[str, Any]:
         """K replays of one batch, K optimizer steps. ``weights``: per-sample loss weights [B]. Returns
-        {"losses": [K] detached losses, "delta": the final perturbation(s), a list with one tensor per
-        micro-batch (omega for P2)}. The batch's draws (timesteps and noise when not given, then the starts)
+        {"losses": [K] detached losses, "loss_per_sample": [K] detached [B] per-sample losses before the
+        weights (guided-diffusion's ``losses["loss"]``, e.g. for a loss-aware timestep sampler's
+        ``update_with_local_losses(t, ...)``), "timesteps" [B] (CM: "indices"), "delta": the final
+        perturbation(s), a list with one tensor per micro-batch (omega for P2)}. The batch's draws (timesteps and noise when not given, then the starts)
         come from ``generator`` before the first replay; each replay's passes share one RNG state."""
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            raise RuntimeError("FreeReplay.step trains (a backward and an optimizer step per replay); it cannot run "
+                               "under torch.no_grad() or torch.inference_mode()")
         check_tensor("x0", x0)
         check_generator(generator)
         model_kwargs = check_model_kwargs(model_kwargs)
@@ -230,28 +239,31 @@ class FreeReplay:
             for i, (xc, tc, nc, wc) in enumerate(zip(x0.chunk(m), timesteps.chunk(m), chunk_noise(noise, m, x0),
                                                      weight_chunks))
         ]
-        losses = []
+        losses, per_sample_losses = [], []
         for _ in range(self.replays):
             self.optimizer.zero_grad(set_to_none=True)
             total = 0.0
-            grads = []
+            grads, pers = [], []
             for i, state in enumerate(states):
                 state.batch.rng = SameRandomness(x0.device, self.same_dropout)
                 x_leaf = state.x_in.detach().requires_grad_(True)
                 d_leaf = state.delta.detach().requires_grad_(True)
                 sync = contextlib.nullcontext() if i == m - 1 else no_sync(self.model)
                 with sync:
-                    loss = self._loss(state, x_leaf, d_leaf) / m
+                    loss, per = self._loss(state, x_leaf, d_leaf)
+                    loss = loss / m
                     scale = self._backward(loss)
                 grads.append(leaf_grad_sum((x_leaf.grad, d_leaf.grad), d_leaf, scale))
                 total = total + loss.detach()
+                pers.append(per)
             self._optimizer_step()
             losses.append(total)
+            per_sample_losses.append(torch.cat(pers))
             for state, g in zip(states, grads):
                 self._ascend(state, g)
-        if self.method == "p2":
-            return {"losses": losses, "delta": [s.delta / column(s.batch.sigma, s.delta) for s in states]}
-        return {"losses": losses, "delta": [s.delta for s in states]}
+        deltas = [s.delta / column(s.batch.sigma, s.delta) for s in states] if self.method == "p2" else \
+            [s.delta for s in states]
+        return {"losses": losses, "loss_per_sample": per_sample_losses, "timesteps": timesteps, "delta": deltas}
 
     def _plan(self, like: torch.Tensor) -> attack.AttackPlan:
         o = self.opts
@@ -274,7 +286,8 @@ class FreeReplay:
         u = attack.draw_start(b.x0, b.sigma * radius, "linf", "uniform", generator, b.pdtype)
         return _Replayed(b, weights, u, attack.first_input(b.x_t, u, False, b.model_dtype), None, radius, lam_t)
 
-    def _loss(self, state: _Replayed, x_in: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def _loss(self, state: _Replayed, x_in: torch.Tensor, delta: torch.Tensor):
+        """(mean_i w_i * loss_i, the detached unweighted loss_i [B])."""
         b = state.batch
         if self.method == "p1":
             mse, vb = p1_terms(b, x_in, delta, self.opts["target"])
@@ -284,16 +297,17 @@ class FreeReplay:
             mse, reg, vb = p2_terms(b, delta, x_in, state.lam_t, detach_anchor=p["detach_anchor"],
                                     batch_branches=self.batch_branches, low_memory=self.low_memory)
             per = mse + reg + vb
+        unweighted = per.detach()
         if state.weights is not None:
             per = per * column(state.weights, per)
-        return reduce(per, "mean")
+        return reduce(per, "mean"), unweighted
 
     def _ascend(self, state: _Replayed, g: torch.Tensor) -> None:
         b = state.batch
         if self.method == "p1":
             plan = state.plan
             state.delta, state.x_in = attack.step(state.delta, g, plan.step_size, plan.radius, plan.norm, b.x_t,
-                                                  b.model_dtype, plan.grad_divisor)
+                                                  b.model_dtype, attack.effective_divisor(plan.grad_divisor, self.scaler))
             return
         factor = P2_STEP_FACTOR if self.opts["alpha"] is None else float(self.opts["alpha"])
         u_radius = b.sigma * state.radius
@@ -307,21 +321,27 @@ class FreeReplay:
         plan = self._plan(x0)
         delta = plan.start(x0, generator, acc)
         indices = kw.pop("indices", None)
+        reduction = kw.pop("reduction", "mean")
         losses: List[torch.Tensor] = []
+        per_sample_losses: List[torch.Tensor] = []
         for _ in range(self.replays):
             self.optimizer.zero_grad(set_to_none=True)
             d = delta.detach().requires_grad_(True)
             out = consistency_adv_loss(
                 self.model, target_model, x0, delta=d, indices=indices, noise=noise, model_kwargs=model_kwargs,
-                generator=generator, return_dict=True, same_dropout=self.same_dropout, weights=weights, **kw,
+                generator=generator, return_dict=True, same_dropout=self.same_dropout, **kw,
             )
             indices, noise = out["indices"], out["noise"]
-            scale = self._backward(out["loss"])
+            per = out["loss_per_sample"]
+            loss = reduce(per if weights is None else per * weights.to(per.dtype), reduction)
+            scale = self._backward(loss)
             g = leaf_grad_sum((d.grad,), d, scale)
             self._optimizer_step()
-            losses.append(out["loss"].detach())
-            delta, _ = attack.step(d.detach(), g, plan.step_size, plan.radius, plan.norm, None, acc, plan.grad_divisor)
-        return {"losses": losses, "delta": [delta]}
+            losses.append(loss.detach())
+            per_sample_losses.append(per.detach())
+            delta, _ = attack.step(d.detach(), g, plan.step_size, plan.radius, plan.norm, None, acc,
+                                   attack.effective_divisor(plan.grad_divisor, self.scaler))
+        return {"losses": losses, "loss_per_sample": per_sample_losses, "indices": indices, "delta": [delta]}
 
 
 def _chunk_kwargs(model_kwargs, i: int, m: int, batch: int):

@@ -86,7 +86,8 @@ def q_sample(
     """DDPM forward process at integer `timesteps` [B]: sqrt(abar_t) * x0 + sqrt(1 - abar_t) * noise (+ delta).
 
     `alphas_cumprod` is a table (fastat.schedules or a diffusers scheduler's, or the scheduler itself);
-    the coefficients are computed in float64 and applied in fp32 (see `schedules.alpha_sigma`).
+    the coefficients are computed in float64 and applied in fp32 (float64 for float64 data; see
+    `schedules.alpha_sigma`).
     """
     check_tensor("x0", x0)
     if not isinstance(timesteps, torch.Tensor):
@@ -97,7 +98,9 @@ def q_sample(
         raise ValueError(f"timesteps is on {timesteps.device} but x0 is on {x0.device}; put them on one device")
     if steps.dtype.is_floating_point or steps.dtype == torch.bool:
         raise TypeError(f"timesteps must be an integer tensor, got {steps.dtype}")
-    table = _schedule_coefficients(alphas_cumprod, x0.device)
+    data_dtypes = [x0.dtype] + [v.dtype for v in (noise, delta) if isinstance(v, torch.Tensor)]
+    float64 = any(d == torch.float64 for d in data_dtypes)
+    table = _schedule_coefficients(alphas_cumprod, x0.device, torch.float64 if float64 else torch.float32)
     if values_checkable(steps) and steps.numel():
         values = steps.tolist() if steps.numel() <= 256 else [int(steps.min()), int(steps.max())]
         lo, hi = min(values), max(values)
@@ -107,17 +110,17 @@ def q_sample(
     return noisy_input(x0, noise, pair[0], pair[1], delta)
 
 
-def _schedule_coefficients(alphas_cumprod, device: torch.device) -> torch.Tensor:
-    """[2, T] fp32 on `device`: sqrt(abar) and sqrt(1 - abar) formed in float64 (as schedules.alpha_sigma forms
-    them), kept in the one cache per table tensor (checked by identity and version), so q_sample gathers both
-    coefficients in one op."""
+def _schedule_coefficients(alphas_cumprod, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[2, T] in `dtype` (fp32, or float64 for float64 data) on `device`: sqrt(abar) and sqrt(1 - abar) formed in
+    float64 (as schedules.alpha_sigma forms them), kept in the one cache per table tensor (checked by identity and
+    version), so q_sample gathers both coefficients in one op."""
     source = alphas_cumprod if isinstance(alphas_cumprod, torch.Tensor) else getattr(alphas_cumprod, "alphas_cumprod", None)
-    key = ("q_sample coefficients", id(source), device)
+    key = ("q_sample coefficients", id(source), device, dtype)
     entry = CACHE.get(key) if isinstance(source, torch.Tensor) else None
     if entry is not None and entry[0]() is source and entry[1] == source._version:
         return entry[2]
     abar = alphas_cumprod_of(alphas_cumprod)
-    table = torch.stack([abar.sqrt(), (1.0 - abar).sqrt()]).float().to(device)
+    table = torch.stack([abar.sqrt(), (1.0 - abar).sqrt()]).to(device, dtype)
     if isinstance(source, torch.Tensor):
         CACHE[key] = (weakref.ref(source), source._version, table)
     return table
