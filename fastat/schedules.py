@@ -61,11 +61,23 @@ def alphas_cumprod_of(table: Table) -> torch.Tensor:
 _CHECKED_TABLES: Dict[int, Tuple[weakref.ref, int]] = {}
 
 
+def _already_checked(tensor: torch.Tensor) -> bool:
+    """Whether `tensor`'s values were checked at its current version (a table passed every step is read once)."""
+    entry = _CHECKED_TABLES.get(id(tensor))
+    return entry is not None and entry[0]() is tensor and entry[1] == tensor._version
+
+
+def _mark_checked(tensor: torch.Tensor) -> torch.Tensor:
+    if len(_CHECKED_TABLES) > 64:
+        _CHECKED_TABLES.clear()
+    _CHECKED_TABLES[id(tensor)] = (weakref.ref(tensor), tensor._version)
+    return tensor
+
+
 def _check_table_values(table: torch.Tensor) -> None:
     """abar_t in [0, 1], finite, at least one value; read once per table tensor and version (the training loops pass
     the same table every step)."""
-    entry = _CHECKED_TABLES.get(id(table))
-    if entry is not None and entry[0]() is table and entry[1] == table._version:
+    if _already_checked(table):
         return
     if not table.numel():
         raise ValueError("alphas_cumprod must hold at least one timestep, got an empty table")
@@ -77,9 +89,7 @@ def _check_table_values(table: torch.Tensor) -> None:
     if not (math.isfinite(low) and math.isfinite(high) and 0.0 <= low and high <= 1.0):
         raise ValueError(f"alphas_cumprod must hold finite values in [0, 1] (abar_t = prod(1 - beta_s)), "
                          f"got values in [{low:g}, {high:g}]")
-    if len(_CHECKED_TABLES) > 64:
-        _CHECKED_TABLES.clear()
-    _CHECKED_TABLES[id(table)] = (weakref.ref(table), table._version)
+    _mark_checked(table)
 
 
 def alpha_sigma(table: Table, timesteps: torch.Tensor, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +121,7 @@ def karras_sigmas(
     ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (lo + ramp * (hi - lo)) ** rho
-    return sigmas.flip(0) if descending else sigmas
+    return sigmas.flip(0) if descending else _mark_checked(sigmas)  # ascending, > 0 by construction
 
 
 def edm_preconditioning(sigma, sigma_data: float = 0.5):
@@ -198,7 +208,7 @@ def _positive_sigmas(name: str, sigma) -> torch.Tensor:
 
 
 def check_sigma_grid(name: str, sigmas) -> torch.Tensor:
-    """An ascending grid of >= 2 finite noise levels > 0, as float64 (a consistency model's discretisation)."""
+    """An ascending (non-decreasing) grid of >= 2 finite noise levels > 0, as float64 (a consistency model's discretisation)."""
     if not isinstance(sigmas, torch.Tensor):
         try:
             sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
@@ -208,10 +218,12 @@ def check_sigma_grid(name: str, sigmas) -> torch.Tensor:
         raise ValueError(f"{name} must be a 1-D ascending floating grid of >= 2 values, got shape {tuple(sigmas.shape)} "
                          f"{sigmas.dtype}")
     sigmas = sigmas.to(torch.float64)
-    if values_checkable(sigmas):
-        if not bool(torch.isfinite(sigmas).all()) or not float(sigmas[0]) > 0 or not bool((sigmas[1:] > sigmas[:-1]).all()):
-            raise ValueError(f"{name} must be finite, > 0 and strictly ascending, got {sigmas.tolist()[:8]}")
-    return sigmas
+    if _already_checked(sigmas) or not values_checkable(sigmas):
+        return sigmas
+    values = sigmas.tolist()
+    if not (all(map(math.isfinite, values)) and values[0] > 0 and all(a <= b for a, b in zip(values, values[1:]))):
+        raise ValueError(f"{name} must be finite, > 0 and ascending, got {values[:8]}")
+    return _mark_checked(sigmas)
 
 
 def _check_num_timesteps(num_timesteps: int) -> None:

@@ -177,7 +177,8 @@ def consistency_adv_loss(
     check_float("huber_c", huber_c, optional=True)
     if sigmas is None:
         sigmas = consistency_grid(discretisation, num_scales, training_step, total_steps, sigma_min, sigma_max, rho)
-    sigmas = schedules.check_sigma_grid("sigmas", sigmas)
+    else:
+        sigmas = schedules.check_sigma_grid("sigmas", sigmas)
     if weighting is None:
         weighting = "ict" if discretisation == "ict" else "uniform"
     check_choice("weighting", weighting, WEIGHTINGS)
