@@ -382,3 +382,31 @@ def test_cli_bad_flags_exit_2_with_one_error_line(argv, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     flag = next(a for a in argv if a.startswith("--"))
     assert err[-1].startswith("fastat ") and f"argument {flag}" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_cli_bad_backend_variable_is_one_line_exit_2(monkeypatch, capsys):
+    monkeypatch.setenv("FASTAT_BACKEND", "fastest")
+    fastat._backend.forget()
+    assert cli.main(["info"]) == 2
+    assert capsys.readouterr().err.strip() == ("fastat info: error: environment variable FASTAT_BACKEND='fastest' must be "
+                                               f"one of {fastat._backend.CHOICES}")
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def test_eval_names_the_model_and_its_options():
+    from fastat.eval import ddim_sample, denoiser_error, sampler_attack
+
+    for call, exc, match in [
+        (lambda: denoiser_error(wrong_shape, X0, TABLE, T), ValueError, r"^model returned shape \(4, 1, 3, 3\)"),
+        (lambda: denoiser_error(Net(), X0, TABLE, T, reference=wrong_shape), ValueError, "^reference returned shape"),
+        (lambda: denoiser_error(3, X0, TABLE, T), TypeError, "^model must be callable"),
+        (lambda: denoiser_error(Net(), X0, TABLE, T, generator="g"), TypeError, "^generator must"),
+        (lambda: denoiser_error(Net(), X0, TABLE, T, model_kwargs=[1]), TypeError, "^model_kwargs must be a dict"),
+        (lambda: ddim_sample(wrong_shape, X0, TABLE, 3), ValueError, "^model returned shape"),
+        (lambda: ddim_sample(Net(), X0, TABLE, 3, perturb="p"), TypeError, "^perturb must be callable"),
+        (lambda: sampler_attack(Net(), X0, TABLE, 3, attack_at=("a",)), TypeError, "^attack_at must be a sequence of int"),
+        (lambda: sampler_attack(Net(), X0, TABLE, 3, attack_at=1), TypeError, "^attack_at must be a sequence of int"),
+    ]:
+        raises(exc, match, call)
