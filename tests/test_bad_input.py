@@ -1,5 +1,5 @@
 """Bad input at the public boundary: each case names the argument the user passed (message starts with it or
-quotes it), raises TypeError / ValueError, leaves the caller's tensors and the global RNG alone. Complements
+quotes it), raises TypeError / ValueError and leaves the caller's tensors alone. Complements
 test_validation.py (the check helpers and the common tensor / coefficient forms, not repeated here)."""
 import math
 import types
@@ -27,7 +27,8 @@ class Net(torch.nn.Module):
 
 
 def raises(exc, match, fn):
-    """fn() raises `exc` matching `match`, without advancing the global generator or touching X0 / T."""
+    """fn() raises `exc` matching `match` without touching X0 / T; returns the global generator's state from before
+    the call (errors about a model's output come after the call's draws, argument errors before them)."""
     state, x0, t = torch.get_rng_state(), X0.clone(), T.clone()
     with pytest.raises(exc, match=match):
         fn()
@@ -36,9 +37,10 @@ def raises(exc, match, fn):
 
 
 def dal(**kw):
-    args = dict(model=Net(), x0=X0, timesteps=T, alphas_cumprod=TABLE)
+    model = kw.pop("model") if "model" in kw else Net()
+    args = dict(x0=X0, timesteps=T, alphas_cumprod=TABLE)
     args.update(kw)
-    return fastat.diffusion_adv_loss(args.pop("model"), args.pop("x0"), **args)
+    return fastat.diffusion_adv_loss(model, args.pop("x0"), **args)
 
 
 def cal(**kw):
@@ -410,3 +412,10 @@ def test_eval_names_the_model_and_its_options():
         (lambda: sampler_attack(Net(), X0, TABLE, 3, attack_at=1), TypeError, "^attack_at must be a sequence of int"),
     ]:
         raises(exc, match, call)
+
+
+def test_timesteps_out_of_range_refused_before_the_noise_draw():
+    net = Net()  # built outside: its initialisation draws
+    for bad in (torch.tensor([0, 1, 2, 100]), torch.tensor([0, -1, 2, 3])):
+        state = raises(ValueError, r"^timesteps must lie in \[0, 99\]", lambda bad=bad: dal(model=net, timesteps=bad))
+        assert torch.equal(torch.get_rng_state(), state)

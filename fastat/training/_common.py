@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .._checks import check_choice, check_like
+from .._checks import check_choice, check_like, values_checkable
 from .._shapes import column
 from ..ops.noise import SeededNoise
 
@@ -258,6 +258,11 @@ def draw_timesteps_noise(x0, timesteps, noise, num_timesteps: int, generator):
         timesteps = torch.randint(0, num_timesteps, (batch,), device=x0.device, generator=generator)
     else:
         check_timesteps("timesteps", timesteps, x0)
+        if batch and batch <= 256 and values_checkable(timesteps):  # before the noise draw: a refusal draws nothing
+            values = timesteps.tolist()
+            if min(values) < 0 or max(values) >= num_timesteps:
+                raise ValueError(f"timesteps must lie in [0, {num_timesteps - 1}], got values in [{min(values)}, "
+                                 f"{max(values)}]")
     if noise is None:
         noise = standard_normal(x0, x0.dtype, generator)
     elif not isinstance(noise, SeededNoise):
