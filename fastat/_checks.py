@@ -28,6 +28,54 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
+def check_float(name: str, value, *, positive: bool = False, finite: bool = True, optional: bool = False):
+    """A Python number >= 0 (> 0 if positive; +inf allowed unless finite) returned as float, or None."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    bound = "> 0" if positive else ">= 0"
+    if math.isnan(value) or value < 0 or (positive and value == 0) or (finite and math.isinf(value)):
+        raise ValueError(f"{name} must be a {'finite ' if finite else ''}float {bound}, got {value!r}")
+    return value
+
+
+def check_finite(name: str, value) -> float:
+    """Any finite Python number (e.g. an exponent)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite float, got {value!r}")
+    return float(value)
+
+
+def check_int_at_least(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def check_flag(name: str, value) -> bool:
+    if value is not True and value is not False:
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_generator(generator, name: str = "generator") -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def check_callable(name: str, value, *, optional: bool = False):
+    """A callable (a model, a hook), or None if optional."""
+    if value is None and optional:
+        return None
+    if not callable(value):
+        raise TypeError(f"{name} must be callable{' or None' if optional else ''}, got {type(value).__name__}")
+    return value
+
+
 def check_tensor(name: str, x, *, min_ndim: int = 1) -> torch.Tensor:
     """A floating-point tensor with a leading batch dimension."""
     if not isinstance(x, torch.Tensor):

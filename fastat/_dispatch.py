@@ -344,6 +344,10 @@ def registered_backends(name: str) -> List[str]:
 def preload(backend: Optional[str] = None) -> None:
     """Load the kernels of `backend` (default: every available one) now, instead of on the first call
     (imports the Triton modules, loads -- and for cpp builds -- the extensions)."""
+    if backend is not None:
+        if not isinstance(backend, str) or backend.lower() not in _backend.BACKENDS:
+            raise ValueError(f"backend must be None (every available one) or one of {_backend.BACKENDS}, got {backend!r}")
+        backend = backend.lower()
     _backend.forget()
     for op in OPS.values():
         for name in op.support:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 from typing import List, Optional
@@ -9,6 +10,37 @@ from typing import List, Optional
 # The demo's method names, for --help (kept here so that `fastat --help` imports no training code).
 METHOD_NAMES = ("standard", "ddpm_ip", "p1_pgd", "p1_free", "p2_random", "p2_adversarial", "ft_replay", "ft_p1_free",
                 "ft_p1_pgd")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def _float_at_least_zero(text: str, *, positive: bool = False) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number {'> 0' if positive else '>= 0'}, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    return _float_at_least_zero(text, positive=True)
+
+
+def _device(text: str) -> str:
+    """cpu, cuda or cuda:N (checked without importing torch)."""
+    if text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
 
 
 def _info(_args: argparse.Namespace) -> int:
@@ -86,24 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo", help="adversarial training on Gaussian-mixture data with a closed-form denoiser: table, JSON, PNG (no download)")
-    demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    demo.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default cpu)")
     demo.add_argument("--settings", default=None,
                       help="comma list of clean,noisy,outliers,clean16,noisy16 or 'all' (default clean,noisy16)")
     demo.add_argument("--methods", default=None,
                       help="comma list of " + ",".join(METHOD_NAMES) + " or 'all', run in every setting (default: "
                       "standard,ft_replay,ft_p1_free on clean data; standard,p2_adversarial on corrupted data)")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per model trained from scratch (default 4000)")
-    demo.add_argument("--ft-steps", type=int, default=None, help="fine-tuning optimizer steps of the ft_* methods (default 600)")
+    demo.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps per model trained from scratch (default 4000)")
+    demo.add_argument("--ft-steps", type=_positive_int, default=None, help="fine-tuning optimizer steps of the ft_* methods (default 600)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--p2-scale", type=float, default=None, help="P2 radius scale: r(t) = max(8/255, scale sigma_t^2) (default 1.0)")
+    demo.add_argument("--p2-scale", type=_float_at_least_zero, default=None, help="P2 radius scale: r(t) = max(8/255, scale sigma_t^2) (default 1.0)")
     demo.add_argument("--p2-bias", choices=("floor", "random"), default=None,
                       help="P2 radius floor: max(8/255, .) or a random bias U[8/255, 16/255] added (default floor)")
     demo.add_argument("--p1-alpha-mode", choices=("cifar_ratio", "abs"), default=None,
                       help="P1 step: official alpha 0.1 scaled to the official ||delta||/||eps|| (cifar_ratio, default) or absolute")
-    demo.add_argument("--radius", type=float, default=0.1, help="evaluation perturbation radius r (L2, R = r sqrt(D))")
-    demo.add_argument("--threads", type=int, default=None, help="CPU threads (default 1)")
-    demo.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 3e-3, cosine decay)")
-    demo.add_argument("--batch", type=int, default=None, help="batch size (default 256)")
+    demo.add_argument("--radius", type=_float_at_least_zero, default=0.1, help="evaluation perturbation radius r (L2, R = r sqrt(D))")
+    demo.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default 1)")
+    demo.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (default 3e-3, cosine decay)")
+    demo.add_argument("--batch", type=_positive_int, default=None, help="batch size (default 256)")
     demo.add_argument("--out", default="fastat_demo_out", help="output folder (default ./fastat_demo_out)")
     demo.add_argument("--quick", action="store_true", help="tiny settings for a smoke run (seconds)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -113,20 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     which = experiment.add_subparsers(dest="experiment", required=True)
     digits = which.add_parser("digits", help="P1 and P2 on scikit-learn's 8x8 digits (needs the [digits] extra)")
     digits.add_argument("--quick", action="store_true", help="1 seed, short training: a check that it runs (<= 3 min)")
-    digits.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; --quick 1)")
-    digits.add_argument("--device", default="cpu", help="cpu or cuda (cuda: a larger model, longer training)")
-    digits.add_argument("--threads", type=int, default=None, help="CPU threads (default 1)")
+    digits.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (default 5; --quick 1)")
+    digits.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (cuda: a larger model, longer training)")
+    digits.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default 1)")
     digits.add_argument("--out", default="fastat_digits_out", help="output folder (default ./fastat_digits_out)")
     digits.add_argument("--no-progress", action="store_true", help="no progress bar")
     digits.set_defaults(run=_experiment)
 
     bench = commands.add_parser("bench", help="op and step benchmarks for this machine's backends: JSON, markdown, PNG")
-    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if visible, else cpu)")
+    bench.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda if visible, else cpu)")
     bench.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions, no torch.compile")
     bench.add_argument("--out", default="fastat_bench_out", help="output folder (default ./fastat_bench_out)")
     bench.add_argument("--suites", default="ops,steps", help="comma list of ops,steps,overhead,audit (default ops,steps)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    bench.add_argument("--threads", type=int, default=None,
+    bench.add_argument("--threads", type=_positive_int, default=None,
                        help="torch CPU threads (default: torch's); use 1 on a CPU shared with other jobs")
     bench.add_argument("--note", default=None, help="a remark stored with the results (e.g. 'machine shared')")
     bench.set_defaults(run=_bench)

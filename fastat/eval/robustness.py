@@ -19,16 +19,18 @@ error is the per-sample RMS of x_final_attacked - x_final_clean.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
-from .._checks import check_choice, check_tensor
+from .._checks import check_callable, check_choice, check_generator, check_tensor
 from .._shapes import column, mean_flat, per_sample_numel
 from ..ops.noisy_input import q_sample
 from ..schedules import alpha_sigma, alphas_cumprod_of
 from ..training import attack
-from ..training._common import call_model
+from ..training._common import call_model, check_output
+from ..training._options import check_model_kwargs
 from .sampling import ddim_sample, ddim_timesteps
 
 PERTURBATIONS = ("none", "random", "pgd")
@@ -85,9 +87,13 @@ def denoiser_error(
     """Per-sample error [B] (fp32) of model at x_t + delta against `reference` (see module docstring).
 
     timesteps default: uniform in [0, T); noise default N(0, I); both drawn with `generator`."""
+    check_callable("model", model)
+    check_callable("reference", reference, optional=True)
     check_tensor("x0", x0)
     check_choice("perturbation", perturbation, PERTURBATIONS)
     check_choice("norm", norm, ("l2", "linf"))
+    check_generator(generator)
+    model_kwargs = check_model_kwargs(model_kwargs)
     abar = alphas_cumprod_of(alphas_cumprod)
     if timesteps is None:
         timesteps = torch.randint(0, abar.numel(), (x0.shape[0],), generator=generator, device=_gen_device(generator)).to(x0.device)
@@ -100,10 +106,10 @@ def denoiser_error(
     big_r = _abs_radius(radius, x0, norm, radius_mode)
 
     def error(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        pred = call_model(model, x, timesteps, model_kwargs).float()
+        pred = check_output(call_model(model, x, timesteps, model_kwargs), x).float()
         if reference is not None:
             # Not detached: the attack ascends the true error, whose target moves with x too.
-            target = reference(x, timesteps).float()
+            target = check_output(reference(x, timesteps), x, "reference").float()
         else:
             target = noise.float() + delta.float() / column(sigma, delta)
         return mean_flat((pred - target) ** 2)
@@ -140,11 +146,16 @@ def sampler_attack(
 
     Returns {"error": per-sample RMS of final_attacked - final_clean [B], "clean": final_clean,
     "attacked": final_attacked}."""
+    check_callable("model", model)
     check_tensor("x_T", x_T)
     check_choice("mode", mode, ("pgd", "random"))
     check_choice("norm", norm, ("l2", "linf"))
+    check_generator(generator)
     num = len(ddim_timesteps(alphas_cumprod_of(alphas_cumprod).numel(), num_steps))
-    attack_at = sorted(set(int(i) for i in attack_at))
+    try:
+        attack_at = sorted({operator.index(i) for i in attack_at})
+    except TypeError:
+        raise TypeError(f"attack_at must be a sequence of int step indices, got {attack_at!r}") from None
     if any(not 0 <= i < num for i in attack_at):
         raise ValueError(f"attack_at must hold step indices in [0, {num}), got {attack_at}")
     big_r = _abs_radius(radius, x_T, norm, radius_mode)

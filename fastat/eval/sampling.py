@@ -16,7 +16,8 @@ from typing import Callable, List, Optional
 import torch
 
 from ..schedules import alphas_cumprod_of
-from ..training._common import call_model
+from .._checks import check_callable, check_tensor
+from ..training._common import call_model, check_output
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> List[int]:
@@ -32,7 +33,7 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> List[int]:
 def ddim_step(model, x: torch.Tensor, t: int, t_next: Optional[int], abar: torch.Tensor, model_kwargs=None) -> torch.Tensor:
     """One DDIM (eta = 0) update from timestep t to t_next (None: return the x0 prediction)."""
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-    eps = call_model(model, x, tt, model_kwargs)
+    eps = check_output(call_model(model, x, tt, model_kwargs), x)
     a_t = float(abar[t])
     x0 = (x - (1.0 - a_t) ** 0.5 * eps) / a_t ** 0.5
     if t_next is None:
@@ -56,6 +57,9 @@ def ddim_sample(
 
     perturb(i, x_i, t_i) -> x_i' is applied before step i (for attacks and robustness studies).
     Runs under no_grad unless grad=True (the sampler attack differentiates through the trajectory)."""
+    check_callable("model", model)
+    check_tensor("x_T", x_T)
+    check_callable("perturb", perturb, optional=True)
     abar = alphas_cumprod_of(alphas_cumprod)
     ts = ddim_timesteps(abar.numel(), num_steps)
     x = x_T

@@ -25,14 +25,14 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .._checks import check_choice, check_like
+from .._checks import check_choice, check_like, values_checkable
 from .._shapes import column
 from ..ops.noise import SeededNoise
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def unwrap_output(out: Any) -> torch.Tensor:
+def unwrap_output(out: Any, name: str = "the model") -> torch.Tensor:
     """diffusers' ``.sample`` field, the first element of a tuple/list, or the tensor itself."""
     if isinstance(out, torch.Tensor):
         return out
@@ -40,7 +40,30 @@ def unwrap_output(out: Any) -> torch.Tensor:
         return out.sample
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    raise TypeError(f"the model returned {type(out).__name__}; expected a tensor, a tuple or an object with .sample")
+    raise TypeError(f"{name} returned {type(out).__name__}; expected a tensor, a tuple or an object with .sample")
+
+
+def check_output(out: torch.Tensor, x: torch.Tensor, name: str = "model", channels: int = 1) -> torch.Tensor:
+    """A model's prediction: a floating tensor of its input's shape (``channels`` times the channels along dim 1
+    for a learned-variance output), so a wrong output is named here, not as a loss operand."""
+    if not out.is_floating_point():
+        raise TypeError(f"{name} returned a {out.dtype} tensor; expected a floating-point prediction shaped like its "
+                        f"input {tuple(x.shape)}")
+    if out.shape != x.shape:
+        expected = x.shape if channels == 1 or x.ndim < 2 else (x.shape[0], channels * x.shape[1], *x.shape[2:])
+        if out.shape != expected:
+            raise ValueError(f"{name} returned shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}; expected "
+                             f"{tuple(expected)}" + (" (learn_sigma=True: 2C channels along dim 1)" if channels == 2 else ""))
+    return out
+
+
+def require_input_grad(loss: torch.Tensor) -> torch.Tensor:
+    """The attack differentiates the loss w.r.t. the model input: a model run under no_grad, or one that detaches its
+    output, gets a clear error instead of autograd's."""
+    if not loss.requires_grad:
+        raise ValueError("the model's output does not depend on its input through autograd (is the model run under "
+                         "torch.no_grad(), or is its output detached?): the perturbation needs d loss / d x_t")
+    return loss
 
 
 def call_model(model, x: torch.Tensor, timesteps, model_kwargs: Optional[Dict[str, Any]]) -> torch.Tensor:
@@ -210,6 +233,7 @@ def input_grad(loss: torch.Tensor, inputs: Sequence[torch.Tensor], scaler=None) 
     the backward (so fp16 activation gradients do not underflow) and the gradient unscaled after; a
     sample whose gradient overflowed stays non-finite and pgd_step skips it."""
     scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+    require_input_grad(loss)
     grads = torch.autograd.grad(loss if scale is None else loss * scale, list(inputs), allow_unused=True)
     return leaf_grad_sum(grads, inputs[-1], scale)
 
@@ -234,6 +258,11 @@ def draw_timesteps_noise(x0, timesteps, noise, num_timesteps: int, generator):
         timesteps = torch.randint(0, num_timesteps, (batch,), device=x0.device, generator=generator)
     else:
         check_timesteps("timesteps", timesteps, x0)
+        if batch and batch <= 256 and values_checkable(timesteps):  # before the noise draw: a refusal draws nothing
+            values = timesteps.tolist()
+            if min(values) < 0 or max(values) >= num_timesteps:
+                raise ValueError(f"timesteps must lie in [0, {num_timesteps - 1}], got values in [{min(values)}, "
+                                 f"{max(values)}]")
     if noise is None:
         noise = standard_normal(x0, x0.dtype, generator)
     elif not isinstance(noise, SeededNoise):

@@ -10,7 +10,14 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .._checks import check_choice
+from .._checks import (  # noqa: F401 (check_float, check_finite, check_int_at_least, check_generator: re-exported)
+    check_choice,
+    check_finite,
+    check_flag,
+    check_float,
+    check_generator,
+    check_int_at_least,
+)
 
 # AT_Diff / FreeLB name -> fastat name.
 ALIASES = {
@@ -23,28 +30,6 @@ ALIASES = {
 }
 
 _NORM_NAMES = {"l2": "l2", "linf": "linf", "inf": "linf", "l_inf": "linf", "l_2": "l2", "2": "l2"}
-
-
-def check_float(name: str, value, *, positive: bool = False, finite: bool = True, optional: bool = False):
-    """A Python number >= 0 (> 0 if positive; +inf allowed unless finite) returned as float, or None."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    bound = "> 0" if positive else ">= 0"
-    if math.isnan(value) or value < 0 or (positive and value == 0) or (finite and math.isinf(value)):
-        raise ValueError(f"{name} must be a {'finite ' if finite else ''}float {bound}, got {value!r}")
-    return value
-
-
-def check_finite(name: str, value) -> float:
-    """Any finite Python number (e.g. an exponent)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite float, got {value!r}")
-    return float(value)
 
 
 def check_eps(name: str, value) -> float:
@@ -68,12 +53,6 @@ def check_norm(name: str, value) -> str:
     if isinstance(value, str):
         value = _NORM_NAMES.get(value.lower(), value)
     return check_choice(name, value, ("l2", "linf"))
-
-
-def check_int_at_least(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 _CHECKS = {
@@ -118,16 +97,11 @@ def check_p2(lam, beta, rho, r_min) -> Tuple[float, float, float, float]:
             check_float("r_min", r_min, positive=True))
 
 
-def check_generator(generator) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-
-
-def check_model_kwargs(model_kwargs) -> Dict[str, Any]:
+def check_model_kwargs(model_kwargs, name: str = "model_kwargs", callee: str = "the model") -> Dict[str, Any]:
     if model_kwargs is None:
         return {}
     if not isinstance(model_kwargs, dict):
-        raise TypeError(f"model_kwargs must be a dict of keyword arguments for the model, got {type(model_kwargs).__name__}")
+        raise TypeError(f"{name} must be a dict of keyword arguments for {callee}, got {type(model_kwargs).__name__}")
     return model_kwargs
 
 
@@ -139,5 +113,4 @@ def check_scaler(scaler) -> None:
 def check_bools(**flags) -> None:
     """Each keyword is a flag that must be True or False."""
     for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
+        check_flag(name, value)

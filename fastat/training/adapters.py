@@ -21,13 +21,16 @@ from typing import Optional
 
 import torch
 
-from .._checks import check_choice, check_tensor
+from .._checks import (check_callable, check_choice, check_finite, check_flag, check_float, check_generator, check_like,
+                       check_tensor)
 from .._shapes import column
 from ..ops.losses import equivariant_mse
 from ..ops.noisy_input import noisy_input
+from ..schedules import alphas_cumprod_of
 from . import attack
-from ._common import SameRandomness, perturbation_dtype, running_stat_modules, unwrap_output
-from ._options import check_eps, check_float, check_norm, check_steps
+from ._common import (SameRandomness, check_output, check_timesteps, perturbation_dtype, running_stat_modules,
+                      unwrap_output)
+from ._options import check_eps, check_norm, check_scaler, check_steps
 from .diffusion import diffusion_adv_loss
 
 
@@ -35,6 +38,9 @@ class GuidedDiffusionAdvLosses:
     """guided-diffusion's ``GaussianDiffusion.training_losses`` with AT (any diffusion_adv_loss keyword)."""
 
     def __init__(self, alphas_cumprod, learn_sigma: bool = False, rescale_learned_sigmas: bool = False, **adv_kwargs):
+        alphas_cumprod_of(alphas_cumprod)  # checked now; the other options at the first training_losses call
+        check_flag("learn_sigma", learn_sigma)
+        check_flag("rescale_learned_sigmas", rescale_learned_sigmas)
         self.alphas_cumprod = alphas_cumprod
         self.learn_sigma = learn_sigma
         self.rescale_learned_sigmas = rescale_learned_sigmas
@@ -42,6 +48,8 @@ class GuidedDiffusionAdvLosses:
 
     def training_losses(self, model, x_start: torch.Tensor, t: torch.Tensor, model_kwargs=None, noise=None):
         """Per-sample terms of one batch: {"loss", "mse"} (+ "reg" for P2, + "vb" with learn_sigma), each [B]."""
+        check_tensor("x_start", x_start)
+        check_timesteps("t", t, x_start)  # under guided-diffusion's names
         out = diffusion_adv_loss(
             model, x_start, t, noise, alphas_cumprod=self.alphas_cumprod, model_kwargs=model_kwargs,
             reduction="none", return_dict=True, learn_sigma=self.learn_sigma,
@@ -76,6 +84,11 @@ class EDMAdvLoss:
         check_choice("method", method, ("pgd", "fgsm_rs", "standard"))
         check_choice("eps_mode", eps_mode, ("rms", "abs"))
         attack.check_random_start(random_start)
+        check_finite("P_mean", P_mean)
+        check_float("P_std", P_std, positive=True)
+        check_float("sigma_data", sigma_data, positive=True)
+        check_scaler(scaler)
+        check_flag("same_dropout", same_dropout)
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
         self.method, self.eps_mode, self.norm = method, eps_mode, check_norm("norm", norm)
         self.eps, self.alpha = check_eps("eps", eps), check_float("alpha", alpha, optional=True)
@@ -83,11 +96,21 @@ class EDMAdvLoss:
         self.random_start, self.scaler, self.same_dropout = random_start, scaler, same_dropout
 
     def __call__(self, net, images: torch.Tensor, labels=None, augment_pipe=None, generator=None):
+        check_callable("net", net)
         check_tensor("images", images)
+        check_callable("augment_pipe", augment_pipe, optional=True)
+        check_generator(generator)
         # EDM's order of draws: ln(sigma)'s normal (in the default dtype, as EDM's torch.randn), then the
         # augmentation pipe's own draws, then the noise; so a seeded run draws what EDMLoss draws.
         rnd = torch.randn(images.shape[0], device=images.device, dtype=torch.get_default_dtype(), generator=generator)
-        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        y, augment_labels = images, None
+        if augment_pipe is not None:
+            augmented = augment_pipe(images)
+            if not isinstance(augmented, (tuple, list)) or len(augmented) != 2:
+                raise TypeError("augment_pipe must return (images, augment_labels) as EDM's AugmentPipe does, got "
+                                f"{type(augmented).__name__}")
+            y, augment_labels = augmented
+            check_like("augment_pipe(images)[0]", y, "images", images)
         acc = perturbation_dtype(y)
         sigma = (rnd.to(acc) * self.P_std + self.P_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
@@ -105,7 +128,7 @@ class EDMAdvLoss:
 
         def denoise(x):
             rng.replay()
-            return unwrap_output(net(x, sig_col, labels, **kwargs))
+            return check_output(unwrap_output(net(x, sig_col, labels, **kwargs), "net"), x, "net")
 
         x_in = x_noisy
         if plan is not None:

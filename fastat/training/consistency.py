@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from .._checks import check_choice, check_tensor, per_sample
+from .._checks import check_callable, check_choice, check_float, check_int_at_least, check_like, check_tensor, per_sample
 from .._shapes import REDUCTIONS, column, reduce
 from ..ops.losses import METRICS, consistency_distance
 from ..ops.noise import SeededNoise
@@ -38,8 +38,8 @@ from ..ops.noisy_input import noisy_input
 from ..ops.perturbation import per_sample_norm
 from .. import schedules
 from . import attack
-from ._common import (SameRandomness, call_model, inner_model, no_sync, perturbation_dtype, running_stat_modules,
-                      standard_normal, unwrap_output)
+from ._common import (SameRandomness, call_model, check_output, inner_model, no_sync, perturbation_dtype,
+                      running_stat_modules, standard_normal, unwrap_output)
 from ._options import check_bools, check_generator, check_model_kwargs, check_scaler, resolve_aliases
 
 CM_METHODS = ("none", "pgd", "fgsm_rs")
@@ -48,17 +48,18 @@ SOLVERS = ("euler", "heun")
 WEIGHTINGS = ("uniform", "ict")
 
 
-def cm_denoise(model, x, sigma, model_kwargs, sigma_data, sigma_min, precondition, c_noise_fn, model_dtype=None):
+def cm_denoise(model, x, sigma, model_kwargs, sigma_data, sigma_min, precondition, c_noise_fn, model_dtype=None,
+               name: str = "model"):
     """f(x, sigma) with consistency preconditioning (or model(x, sigma) itself if precondition=False).
     x (the state) stays in fp32/fp64; the model is fed ``model_dtype`` (the data's dtype)."""
     model_dtype = x.dtype if model_dtype is None else model_dtype
     if not precondition:
-        return call_model(model, x.to(model_dtype), sigma, model_kwargs)
-    c_skip, c_out, c_in = schedules.consistency_preconditioning(sigma, sigma_data, sigma_min)
+        return check_output(call_model(model, x.to(model_dtype), sigma, model_kwargs), x, name)
+    c_skip, c_out, c_in = schedules.consistency_coefficients(sigma, sigma_data, sigma_min)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     c_skip, c_out, c_in = (c.to(x.device, acc) for c in (c_skip, c_out, c_in))
     c_noise = c_noise_fn(sigma) if c_noise_fn is not None else (sigma.double().log() / 4).to(sigma.dtype)
-    out = call_model(model, (column(c_in, x) * x).to(model_dtype), c_noise, model_kwargs)
+    out = check_output(call_model(model, (column(c_in, x) * x).to(model_dtype), c_noise, model_kwargs), x, name)
     return column(c_skip, x) * x + column(c_out, x) * out
 
 
@@ -75,6 +76,8 @@ def consistency_grid(
 ) -> torch.Tensor:
     """The ascending sigma grid (float64): Karras with N = num_scales, or iCT with N from the curriculum."""
     check_choice("discretisation", discretisation, DISCRETISATIONS)
+    if discretisation == "karras":
+        check_int_at_least("num_scales", num_scales, 2)
     if discretisation == "ict":
         if training_step is None or total_steps is None:
             raise ValueError("discretisation='ict' needs training_step= and total_steps= (the curriculum position)")
@@ -146,6 +149,10 @@ def consistency_adv_loss(
     Returns the reduced loss, or with ``return_dict`` a dict: loss, loss_per_sample, delta_norm, grad_norm,
     delta, indices, noise, sigmas.
     """
+    check_callable("model", model)
+    check_callable("target_model", target_model, optional=True)
+    check_callable("teacher", teacher, optional=True)
+    check_callable("c_noise_fn", c_noise_fn, optional=True)
     check_tensor("x0", x0)
     check_choice("mode", mode, ("ct", "cd"))
     check_choice("solver", solver, SOLVERS)
@@ -161,14 +168,17 @@ def consistency_adv_loss(
     attack.check_random_start(random_start)
     check_generator(generator)
     model_kwargs = check_model_kwargs(model_kwargs)
+    teacher_kwargs = check_model_kwargs(teacher_kwargs, "teacher_kwargs", "the teacher")
     check_scaler(scaler)
     check_bools(return_dict=return_dict, precondition=precondition, same_dropout=same_dropout,
                 at_diff_grad_scale=at_diff_grad_scale)
+    check_float("sigma_data", sigma_data, positive=True)
+    check_float("sigma_min", sigma_min)
+    check_float("huber_c", huber_c, optional=True)
     if sigmas is None:
         sigmas = consistency_grid(discretisation, num_scales, training_step, total_steps, sigma_min, sigma_max, rho)
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(f"sigmas must be a 1-D ascending grid of >= 2 values, got shape {tuple(sigmas.shape)}")
+    else:
+        sigmas = schedules.check_sigma_grid("sigmas", sigmas)
     if weighting is None:
         weighting = "ict" if discretisation == "ict" else "uniform"
     check_choice("weighting", weighting, WEIGHTINGS)
@@ -176,8 +186,7 @@ def consistency_adv_loss(
     weights = per_sample("weights", weights, batch, device, nonnegative=True)
     plan = None
     if delta is not None:
-        if not isinstance(delta, torch.Tensor) or delta.shape != x0.shape:
-            raise ValueError(f"delta must be a tensor of the shape of x0 {tuple(x0.shape)}, got {getattr(delta, 'shape', delta)!r}")
+        check_like("delta", delta, "x0", x0)
     elif method != "none":
         plan = attack.AttackPlan.resolve(
             method, x0, eps=opts["eps"], eps_mode=eps_mode, norm=opts["norm"], alpha=opts["alpha"], steps=opts["steps"],
@@ -212,7 +221,8 @@ def consistency_adv_loss(
     with torch.no_grad():
         x_n = noisy_input(x0a, noise, 1.0, s_n) if mode == "ct" else _ode_step(teacher, x_n1, s_n1, s_n, solver, teacher_kwargs)
         rng.replay()
-        target = denoise(target_model if target_model is not None else model, x_n, s_n).detach()
+        target = denoise(target_model if target_model is not None else model, x_n, s_n,
+                         name="model" if target_model is None else "target_model").detach()
 
     attack_model = inner_model(model)
     attack_ctx = (lambda: no_sync(model)) if attack_model is model else contextlib.nullcontext
@@ -271,10 +281,10 @@ def _cpu_gen(generator):
 def _ode_step(teacher, x, s_from, s_to, solver, teacher_kwargs):
     """One probability-flow ODE step of an EDM denoiser from s_from to s_to (Euler or Heun)."""
     kwargs = teacher_kwargs or {}
-    d1 = (x - unwrap_output(teacher(x, s_from, **kwargs))) / column(s_from, x)
+    d1 = (x - check_output(unwrap_output(teacher(x, s_from, **kwargs), "teacher"), x, "teacher")) / column(s_from, x)
     h = column(s_to - s_from, x)
     x_euler = x + h * d1
     if solver == "euler":
         return x_euler
-    d2 = (x_euler - unwrap_output(teacher(x_euler, s_to, **kwargs))) / column(s_to, x)
+    d2 = (x_euler - check_output(unwrap_output(teacher(x_euler, s_to, **kwargs), "teacher"), x, "teacher")) / column(s_to, x)
     return x + h * (d1 + d2) / 2

@@ -25,6 +25,12 @@ class GraphedStep:
     tensor is a static buffer overwritten by the next replay."""
 
     def __init__(self, step_fn: Callable, example_inputs: Sequence[torch.Tensor], optimizer=None, warmup: int = 3):
+        if not callable(step_fn):
+            raise TypeError(f"step_fn must be callable (one training step), got {type(step_fn).__name__}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+        if optimizer is not None and not hasattr(optimizer, "zero_grad"):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         if not torch.cuda.is_available():
             raise RuntimeError("GraphedStep captures a CUDA graph and needs a CUDA device; run the step eagerly on CPU")
         if any(not isinstance(x, torch.Tensor) or x.device.type != "cuda" for x in example_inputs):

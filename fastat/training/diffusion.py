@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.utils.checkpoint
 
-from .._checks import check_choice, check_tensor, per_sample
+from .._checks import check_callable, check_choice, check_finite, check_float, check_tensor, per_sample
 from .._shapes import REDUCTIONS, column, reduce
 from ..ops.losses import equivariance_regularizer
 from ..ops.noisy_input import noisy_input
@@ -29,6 +29,7 @@ from ._common import (
     PREDICTION_TYPES,
     SameRandomness,
     call_model,
+    check_output,
     draw_timesteps_noise,
     inner_model,
     keep_running_stats,
@@ -79,6 +80,18 @@ def p2_radius(sigma: torch.Tensor, eps: float, rho: float = P2_RHO, r_min: float
     Unverified against the authors' code: the paper and secondary sources describe r(t) as following sigma_t
     with rho = 2 and a (random) bias of at least 8/255; the scale, the floor and the bias law are our reading."""
     check_choice("bias", bias, RADIUS_BIASES)
+    if not isinstance(sigma, torch.Tensor) or not sigma.is_floating_point():
+        raise TypeError(f"sigma must be a floating-point tensor of noise levels [B], got "
+                        f"{sigma.dtype if isinstance(sigma, torch.Tensor) else type(sigma).__name__}")
+    check_float("eps", eps)
+    check_finite("rho", rho)
+    check_float("r_min", r_min, positive=True)
+    check_generator(generator)
+    return _p2_radius(sigma, eps, rho, r_min, bias, generator)
+
+
+def _p2_radius(sigma: torch.Tensor, eps: float, rho: float, r_min: float, bias: str, generator) -> torch.Tensor:
+    """p2_radius with its arguments checked (the loss checks them once per call)."""
     base = eps * sigma.double() ** rho
     if bias == "floor":
         return base.clamp_min(r_min).to(sigma.dtype)
@@ -107,6 +120,14 @@ def check_alpha_mode(alpha_mode: str, method: str, p1_method: str, norm: str) ->
 
 def p2_weight(radius: torch.Tensor, lam: float = P2_LAMBDA, beta: float = P2_BETA) -> torch.Tensor:
     """lambda_t = lambda * sqrt(3) / (beta * r(t)); sqrt(3)/r is 1/std of Uniform[-r, r]."""
+    check_float("lam", lam)
+    check_float("beta", beta, positive=True)
+    per_sample("radius", radius, radius.shape[0] if isinstance(radius, torch.Tensor) and radius.ndim else 1,
+               radius.device if isinstance(radius, torch.Tensor) else torch.device("cpu"), positive=True)
+    return _p2_weight(radius, lam, beta)
+
+
+def _p2_weight(radius: torch.Tensor, lam: float, beta: float) -> torch.Tensor:
     return lam * math.sqrt(3.0) / (beta * radius)
 
 
@@ -154,22 +175,27 @@ class _Batch:
     def zeros(self) -> torch.Tensor:
         return torch.zeros(self.x0.shape[0], device=self.x0.device, dtype=self.pdtype)
 
-    def split(self, out: torch.Tensor):
-        """(mean prediction, variance values or None): learned-variance models output 2C channels."""
+    def split(self, out: torch.Tensor, x: torch.Tensor):
+        """(mean prediction, variance values or None) of the model's output at input x: learned-variance models
+        output 2C channels."""
         if not self.learn_sigma:
-            return out, None
+            return check_output(out, x), None
+        if self.x0.ndim < 2:
+            raise ValueError(f"learn_sigma=True needs data with a channel dim 1 ([B, C, ...]), got x0 of shape "
+                             f"{tuple(self.x0.shape)}")
         channels = self.x0.shape[1]
         if out.ndim < 2 or out.shape[1] != 2 * channels:
             raise ValueError(f"learn_sigma=True needs a model output of 2C = {2 * channels} channels along dim 1 "
                              f"(mean prediction, variance values), got shape {tuple(out.shape)}")
+        check_output(out, x, channels=2)
         return out[:, :channels], out[:, channels:]
 
     def forward(self, x, attack: bool = False):
         self.rng.replay()
         if attack:
             with self.attack_ctx():
-                return self.split(call_model(self.attack_model, x, self.timesteps, self.kwargs))
-        return self.split(call_model(self.model, x, self.timesteps, self.kwargs))
+                return self.split(call_model(self.attack_model, x, self.timesteps, self.kwargs), x)
+        return self.split(call_model(self.model, x, self.timesteps, self.kwargs), x)
 
     def forward_checkpointed(self, x):
         """The forward at x without holding its graph: backward recomputes it (same dropout mask), after the
@@ -183,7 +209,7 @@ class _Batch:
             with keep_running_stats(self.norm_layers if len(calls) > 1 else ()):
                 return call_model(self.attack_model, inp, self.timesteps, self.kwargs)
 
-        return self.split(torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False))
+        return self.split(torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False), x)
 
     def forward_pair(self, xa, xb, attack: bool = False):
         """One forward of the 2B batch [xa; xb] (model_kwargs tensors with a batch dim are repeated)."""
@@ -199,7 +225,7 @@ class _Batch:
         model = self.attack_model if attack else self.model
         self.rng.replay()
         with self.attack_ctx() if attack else contextlib.nullcontext():
-            mean, var = self.split(call_model(model, x, t2, kwargs))
+            mean, var = self.split(call_model(model, x, t2, kwargs), x)
         halves = lambda v: (None, None) if v is None else (v[:batch], v[batch:])  # noqa: E731
         (ma, mb), (va, vb) = halves(mean), halves(var)
         return (ma, va), (mb, vb)
@@ -245,10 +271,10 @@ def _p1(b: _Batch, method: str, plan: Optional[attack.AttackPlan], opts, scaler)
 
 def p2_schedule(b: _Batch, eps: float, rho: float, r_min: float, radius_fn, lam: float, beta: float):
     """P2's per-sample box radius r(t) [B] (``radius_fn(sigma)`` or p2_radius) and weight lambda_t [B]."""
-    radius = radius_fn(b.sigma) if radius_fn is not None else p2_radius(b.sigma, eps, rho, r_min)
+    radius = radius_fn(b.sigma) if radius_fn is not None else _p2_radius(b.sigma, eps, rho, r_min, "floor", None)
     radius = per_sample("radius_fn(sigma)", radius, b.x0.shape[0], b.x0.device, positive=True)
     radius = torch.as_tensor(radius, dtype=b.pdtype, device=b.x0.device).expand(b.x0.shape[0])
-    return radius, p2_weight(radius, lam, beta)
+    return radius, _p2_weight(radius, lam, beta)
 
 
 def p2_terms(b: _Batch, u, x_pert, lam_t, *, detach_anchor=False, regularizer="equivariant", batch_branches=False,
@@ -423,6 +449,7 @@ def diffusion_adv_loss(
     vb ([B], zeros without learn_sigma), delta_norm (L2 norm of the perturbation of x_t [B]), grad_norm
     (L2 norm of the last attack gradient [B], zeros if none), delta (detached), timesteps, noise.
     """
+    check_callable("model", model)
     check_tensor("x0", x0)
     check_choice("method", method, METHODS)
     check_choice("eps_mode", eps_mode, EPS_MODES)
@@ -451,9 +478,10 @@ def diffusion_adv_loss(
     _check_steps(method, opts["steps"])
     check_p2_modes(method in P2_METHODS, opts["eps"], radius_fn, batch_branches, low_memory)
     check_choice("radius_bias", radius_bias, RADIUS_BIASES)
+    check_callable("radius_fn", radius_fn, optional=True)
     check_alpha_mode(alpha_mode, method, "pgd", opts["norm"])
     if radius_bias != "floor" and radius_fn is None:
-        radius_fn = functools.partial(p2_radius, eps=float(opts["eps"]), rho=rho, r_min=r_min, bias=radius_bias,
+        radius_fn = functools.partial(_p2_radius, eps=float(opts["eps"]), rho=rho, r_min=r_min, bias=radius_bias,
                                       generator=generator)
     weights = per_sample("weights", weights, x0.shape[0], x0.device, nonnegative=True)
 

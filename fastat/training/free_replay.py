@@ -31,15 +31,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from .._checks import check_choice, check_tensor, per_sample
+from .._checks import check_callable, check_choice, check_tensor, per_sample
 from .._shapes import column, reduce
 from ..schedules import alphas_cumprod_of
 from . import attack
-from ._common import SameRandomness, chunk_noise, draw_timesteps_noise, leaf_grad_sum, no_sync
+from ._common import SameRandomness, chunk_noise, draw_timesteps_noise, leaf_grad_sum, no_sync, require_input_grad
 from ._options import (
     check_bools,
     check_float,
@@ -63,7 +64,7 @@ from .diffusion import (
     check_p2_modes,
     p1_step_size,
     p1_terms,
-    p2_radius,
+    _p2_radius,
     p2_schedule,
     p2_terms,
 )
@@ -135,6 +136,7 @@ class FreeReplay:
         **aliases,
     ):
         check_choice("method", method, FREE_METHODS)
+        check_callable("model", model)
         if not hasattr(optimizer, "step") or not hasattr(optimizer, "zero_grad"):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer (with step and zero_grad), got {type(optimizer).__name__}")
         if "adv_steps" in aliases:
@@ -164,6 +166,11 @@ class FreeReplay:
         lam, beta, rho, r_min = check_p2(lam, beta, rho, r_min)
         if method != "cm" and (alphas_cumprod is None) == (scheduler is None):
             raise ValueError("pass exactly one of alphas_cumprod= or scheduler=")
+        if method != "cm":
+            alphas_cumprod_of(alphas_cumprod if alphas_cumprod is not None else scheduler)  # checked now, not at step()
+        check_callable("radius_fn", radius_fn, optional=True)
+        _check_hooks(ema, lr_scheduler)
+        loss_kwargs = _check_loss_kwargs(loss_kwargs, method)
         self.model, self.optimizer, self.method = model, optimizer, method
         self.table = alphas_cumprod if alphas_cumprod is not None else scheduler
         if prediction_type is None:
@@ -176,7 +183,7 @@ class FreeReplay:
         self.p2 = dict(lam=lam, beta=beta, rho=rho, r_min=r_min, radius_fn=radius_fn, detach_anchor=detach_anchor)
         self.batch_branches, self.low_memory = batch_branches, low_memory
         self.learn_sigma, self.rescale_vb = learn_sigma, rescale_learned_sigmas
-        self.loss_kwargs = dict(loss_kwargs or {})
+        self.loss_kwargs = loss_kwargs
 
     # -- hooks ---------------------------------------------------------------------------------------
     def _optimizer_step(self) -> None:
@@ -202,6 +209,7 @@ class FreeReplay:
 
     def _backward(self, loss: torch.Tensor) -> Optional[float]:
         """Backward (scaled if a scaler is on); returns the scale to divide the input gradients by."""
+        require_input_grad(loss)
         if self.scaler is not None and self.scaler.is_enabled():
             scale = float(self.scaler.get_scale())
             self.scaler.scale(loss).backward()
@@ -280,7 +288,7 @@ class FreeReplay:
         p = self.p2
         radius_fn = p["radius_fn"]
         if radius_fn is None and self.radius_bias != "floor":
-            radius_fn = functools.partial(p2_radius, eps=float(self.opts["eps"]), rho=p["rho"], r_min=p["r_min"],
+            radius_fn = functools.partial(_p2_radius, eps=float(self.opts["eps"]), rho=p["rho"], r_min=p["r_min"],
                                           bias=self.radius_bias, generator=generator)
         radius, lam_t = p2_schedule(b, self.opts["eps"], p["rho"], p["r_min"], radius_fn, p["lam"], p["beta"])
         u = attack.draw_start(b.x0, b.sigma * radius, "linf", "uniform", generator, b.pdtype)
@@ -342,6 +350,37 @@ class FreeReplay:
             delta, _ = attack.step(d.detach(), g, plan.step_size, plan.radius, plan.norm, None, acc,
                                    attack.effective_divisor(plan.grad_divisor, self.scaler))
         return {"losses": losses, "loss_per_sample": per_sample_losses, "indices": indices, "delta": [delta]}
+
+
+def _check_hooks(ema, lr_scheduler) -> None:
+    if ema is not None and not (hasattr(ema, "update_parameters") or hasattr(ema, "step") or callable(ema)):
+        raise TypeError("ema must have update_parameters(model) (torch AveragedModel), step(parameters) (diffusers "
+                        f"EMAModel) or be callable as ema(model), got {type(ema).__name__}")
+    if lr_scheduler is not None and not callable(getattr(lr_scheduler, "step", None)):
+        raise TypeError(f"lr_scheduler must have a step() method or be None, got {type(lr_scheduler).__name__}")
+
+
+# consistency_adv_loss keywords that FreeReplay sets itself (the perturbation, the draws, the dropout replay) or takes
+# as its own options (the attack's).
+_CM_OWN = ("model", "x0", "delta", "indices", "noise", "model_kwargs", "generator", "return_dict", "same_dropout",
+           "weights", "scaler", "method", "eps", "eps_mode", "alpha", "steps", "norm", "random_start", "init_mag",
+           "at_diff_grad_scale")
+
+
+def _check_loss_kwargs(loss_kwargs, method: str) -> Dict[str, Any]:
+    """method="cm": keywords for consistency_adv_loss (target_model, mode, teacher, ...); indices may fix the draw."""
+    if loss_kwargs is None:
+        return {}
+    if not isinstance(loss_kwargs, dict):
+        raise TypeError(f"loss_kwargs must be a dict of consistency_adv_loss keywords, got {type(loss_kwargs).__name__}")
+    if loss_kwargs and method != "cm":
+        raise ValueError(f"loss_kwargs is for method='cm' (consistency_adv_loss keywords), got method={method!r}")
+    accepted = set(inspect.signature(consistency_adv_loss).parameters) - set(_CM_OWN) - {"aliases"} | {"indices"}
+    unknown = sorted(set(loss_kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"loss_kwargs has keys that consistency_adv_loss does not take from FreeReplay: {unknown} "
+                         f"(accepted: {sorted(accepted)}; the attack options are FreeReplay's own)")
+    return dict(loss_kwargs)
 
 
 def _chunk_kwargs(model_kwargs, i: int, m: int, batch: int):

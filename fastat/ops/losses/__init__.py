@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ... import _dispatch
-from ..._checks import FLOAT_DTYPES, check_choice, check_same, check_tensor, check_values, coefficient
+from ..._checks import FLOAT_DTYPES, check_choice, check_flag, check_same, check_tensor, check_values, coefficient
 from ..._shapes import REDUCTIONS, Coef, per_sample_numel
 from ..noise import Noise, SeededNoise, check_noise
 from . import reference
@@ -125,7 +125,7 @@ def equivariant_mse(
         raise ValueError(f"delta is None but target={target!r} needs it (use target='original' for the plain loss)")
     if target == "original":
         c = None
-        coefficient("sigma", sigma, pred.shape[0], pred.device, torch.float32)  # checked, unused
+        check_values("sigma", coefficient("sigma", sigma, pred.shape[0], pred.device, torch.float32)[0])  # unused
     else:
         c = delta.detach() if target == "delta_detach" else delta
     return _residual_loss(pred, noise, c, sigma, weight, "l2", 0.0, reduction, positive_sigma=c is not None)
@@ -150,6 +150,8 @@ def equivariance_regularizer(
         check_choice("mode", mode, REGULARIZER_MODES)
     if reduction not in REDUCTIONS:
         check_choice("reduction", reduction, REDUCTIONS)
+    if detach_anchor is not True and detach_anchor is not False:
+        check_flag("detach_anchor", detach_anchor)
     if omega is None and mode == "equivariant":
         raise ValueError("omega is None but mode='equivariant' needs it")
     anchor = pred_clean.detach() if detach_anchor else pred_clean

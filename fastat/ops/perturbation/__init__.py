@@ -13,7 +13,16 @@ from typing import Optional
 import torch
 
 from ... import _dispatch
-from ..._checks import FLOAT_DTYPES, check_choice, check_like, check_same, check_tensor, check_values, coefficient
+from ..._checks import (
+    FLOAT_DTYPES,
+    check_choice,
+    check_flag,
+    check_generator,
+    check_same,
+    check_tensor,
+    check_values,
+    coefficient,
+)
 from ..._shapes import Coef, accumulation_dtype, device_type, per_sample_numel
 from ..noise.reference import noise_layout
 from . import reference
@@ -31,6 +40,14 @@ SEED_HIGH = 2**62  # random starts draw their seed from [0, 2**62) with the call
 
 def rms_radius(r: Coef, like: torch.Tensor) -> Coef:
     """AT_Diff's radius convention: R = r * sqrt(D), D = numel(like[i])."""
+    check_tensor("like", like)
+    if isinstance(r, torch.Tensor):
+        if not r.is_floating_point():
+            raise TypeError(f"r must be a float or a floating-point tensor, got {r.dtype}")
+    elif isinstance(r, bool) or not isinstance(r, (int, float)):
+        raise TypeError(f"r must be a float or a floating-point tensor, got {type(r).__name__}")
+    elif not r >= 0:
+        raise ValueError(f"r must be >= 0, got {r!r}")
     return r * math.sqrt(per_sample_numel(like))
 
 
@@ -74,6 +91,8 @@ def pgd_step(
     check_same("grad", grad, "delta", shape, device)
     if norm != "l2" and norm != "linf":
         check_choice("norm", norm, NORMS)
+    if normalize is not True and normalize is not False:
+        check_flag("normalize", normalize)
     if grad.dtype is not dtype:
         dtype = torch.promote_types(dtype, grad.dtype)
     if model_input_base is not None:
@@ -91,7 +110,7 @@ def pgd_step(
         radius, radius_s = None, radius
     else:
         radius, radius_s = _radius("radius", radius, delta, norm, radius_mode, acc)
-    args = (delta, grad, model_input_base, step, radius, step_s, radius_s, norm == "l2", bool(normalize))
+    args = (delta, grad, model_input_base, step, radius, step_s, radius_s, norm == "l2", normalize)
     differentiable = torch.is_grad_enabled() and (
         delta.requires_grad or grad.requires_grad or (model_input_base is not None and model_input_base.requires_grad)
         or (step is not None and step.requires_grad) or (radius is not None and radius.requires_grad))
@@ -138,7 +157,8 @@ def random_perturbation(
         dtype = like.dtype
     elif dtype not in FLOATS:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    if generator is not None and generator.device.type != like.device.type:
+    if generator is not None and (generator.__class__ is not torch.Generator or generator.device.type != like.device.type):
+        check_generator(generator)
         raise ValueError(f"generator is on {generator.device} but like is on {like.device}")
     if radius.__class__ is float and radius_mode == "abs" and 0.0 <= radius < math.inf:
         radius_s, radius = radius, None  # the common case, already checked
@@ -154,7 +174,7 @@ def random_perturbation(
         batch = like.shape[0]
         route = _dispatch.select(RANDOM_PERTURBATION, "cpu" if like.is_cpu else device_type(like), dtype, 0,
                                  like.numel() // batch if batch else 0)
-        if radius is not None and not route.checks_values:
+        if radius is not None:  # here even where the kernel checks: before the seed draw, so a refusal leaves the RNG
             check_values("radius", radius, nonnegative=True)
     if route is None or route.direct:
         return reference.random_perturbation_from_generator(like, radius_s if radius is None else radius, norm, init,
