@@ -14,7 +14,8 @@ checks the C++ signature against the schema). Backends contribute kernels and no
 
 Calls. The public function (fastat/ops/<family>/__init__.py) validates, maps the user's arguments onto the
 schema, and asks `select` for a `Route` -- the chosen backend's forward and backward kernels -- then
-    * when a gradient is needed: `op.function.apply(route, *args)`, the op's one autograd Function;
+    * when a gradient is needed: `op.function.apply(route, *args)`, the op's one autograd Function, or, where a
+      compiled backend has that Function in C++ (residual_loss on cpp and cuda), `route.autograd(*args)`;
     * otherwise: `route.forward(*args)`, the kernel directly;
     * the reference route runs the reference directly either way (autograd records its aten ops, so every
       input, coefficients included, is differentiable).
