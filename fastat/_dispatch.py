@@ -14,7 +14,8 @@ checks the C++ signature against the schema). Backends contribute kernels and no
 
 Calls. The public function (fastat/ops/<family>/__init__.py) validates, maps the user's arguments onto the
 schema, and asks `select` for a `Route` -- the chosen backend's forward and backward kernels -- then
-    * when a gradient is needed: `op.function.apply(route, *args)`, the op's one autograd Function;
+    * when a gradient is needed: `op.function.apply(route, *args)`, the op's one autograd Function, or, where a
+      compiled backend has that Function in C++ (residual_loss on cpp and cuda), `route.autograd(*args)`;
     * otherwise: `route.forward(*args)`, the kernel directly;
     * the reference route runs the reference directly either way (autograd records its aten ops, so every
       input, coefficients included, is differentiable).
@@ -96,6 +97,7 @@ class Route(NamedTuple):
     backward: Optional[Callable]
     checks_values: bool  # the kernel validates coefficient values (no Python check needed)
     direct: bool  # the reference: call `forward` directly even when a gradient is needed (aten autograd)
+    autograd: Optional[Callable] = None  # a compiled backend's differentiable forward (its autograd node in C++)
 
 
 class OpDef:
@@ -196,7 +198,8 @@ class OpDef:
         """Load `backend`'s kernels of this op (and of its backward op)."""
         forward = kernel(self, backend)
         backward = kernel(self.backward_op, backend) if self.backward_op is not None else None
-        return Route(backend, forward, backward, self.support[backend].checks_values, backend == "torch")
+        autograd = getattr(_ext.module(backend), self.name + "_autograd", None) if backend in COMPILED else None
+        return Route(backend, forward, backward, self.support[backend].checks_values, backend == "torch", autograd)
 
     def __repr__(self) -> str:
         return f"OpDef(fastat::{self.name}{self.schema})"
@@ -279,10 +282,13 @@ def _decide(op: OpDef, choice: str, device_type: str, dtype: torch.dtype, featur
 
 
 def run(op: OpDef, route: Route, args: Sequence, needs_grad: bool):
-    """Run one call on `route`: through the op's autograd Function when a gradient is needed, else directly."""
+    """Run one call on `route`: when a gradient is needed, through the backend's autograd kernel in C++ where it has
+    one (csrc/cuda/loss_autograd.h), else through the op's autograd Function; otherwise the kernel directly."""
     if needs_grad and not route.direct:
         if torch._C._are_functorch_transforms_active():
             return op.function.apply(route, *args)
+        if route.autograd is not None:
+            return route.autograd(*args)
         return _C_APPLY(op.function, route, *args)
     return route.forward(*args)
 

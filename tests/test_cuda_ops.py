@@ -46,6 +46,8 @@ def cuda_as_cpp(monkeypatch):
         library.impl(name, getattr(cpp, name).default, "CPU")
     # the library's direct entries (what the eager route calls) are here the stand-in operators themselves
     entries = types.SimpleNamespace(**{name: getattr(torch.ops.fastat_cuda, name).default for name in _dispatch.registered_ops()})
+    # and the autograd kernels: the shared C++ template (csrc/cuda/loss_autograd.h) as the cpp library instantiates it
+    entries.residual_loss_autograd = _ext.module("cpp").residual_loss_autograd
     saved_module = _ext.module
     monkeypatch.setattr(_ext, "module", lambda kind: entries if kind == "cuda" else saved_module(kind))
     status = _backend.backend_status
@@ -79,6 +81,8 @@ def test_a_compiled_backend_is_its_kernels_only(cuda_as_cpp, kind):
             (g,) = torch.autograd.grad((x_t * x_t).sum(), x0, create_graph=True)  # 2 alpha x_t
             (gg,) = torch.autograd.grad(g.sum(), noise)  # double backward: 2 alpha sigma
             loss = fastat.equivariant_mse(pred, SeededNoise(3, 4), delta, sigma, "delta", weight=alpha)
+            if backend == "cuda":  # the loss's autograd node is the shared C++ one (csrc/cuda/loss_autograd.h)
+                assert loss.grad_fn.name() == "fastat::residual_loss_backward"
             grads = torch.autograd.grad(loss, (pred, delta))
             step, x_next = fastat.pgd_step(delta.detach(), grads[1], 0.1, 1.0, "l2", model_input_base=x_t.detach())
             start = fastat.random_perturbation(x0, 0.5, "linf", generator=torch.Generator().manual_seed(1))

@@ -311,3 +311,21 @@ ERRORS = [
 def test_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("backend", [b for b in runnable_backends() if b in ("cpp", "triton")])
+def test_fused_loss_is_differentiable_once(backend):
+    """The loss's backward (the C++ node on cpp, the op's Function elsewhere) under create_graph=True: gradients
+    that depend on a differentiable upstream gradient come back differentiable only to raise if differentiated
+    again, as torch.autograd.function.once_differentiable makes them."""
+    gen = torch.Generator().manual_seed(5)
+    pred = torch.randn(4, 3, 4, 4, generator=gen).requires_grad_()
+    noise = torch.randn(4, 3, 4, 4, generator=gen)
+    scale = torch.tensor(2.0, requires_grad=True)
+    with fastat.use_backend(backend):
+        loss = fastat.equivariant_mse(pred, noise, None, 1.0, "original", reduction="sum") * scale
+        (g,) = torch.autograd.grad(loss, pred, create_graph=True)
+    torch.testing.assert_close(g, 2 * 2.0 * (pred - noise).detach() / 48)
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()

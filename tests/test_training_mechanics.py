@@ -138,3 +138,56 @@ def test_step_benchmarks_quick_on_cuda():
     cases = {r["case"] for r in rows}
     assert {"toy_mlp_2d", "ddpm_cifar10_unet"} <= cases
     assert all(r["peak_mem_mb"] > 0 for r in rows)
+
+
+# ------------------------------------------------------------------ the attack step's cached autograd seed
+
+
+def _attack(model, x0, noise, t, grad_fn, monkeypatch, steps):
+    """diffusion_adv_loss's attack with the loop's gradient call replaced by grad_fn."""
+    from fastat.training import _common
+
+    monkeypatch.setattr(_common, "loss_grads", grad_fn)
+    return fastat.diffusion_adv_loss(model, x0, t, noise, alphas_cumprod=TABLE, method="pgd", steps=steps,
+                                     return_dict=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cached_seed_gives_the_default_gradients_and_stays_one(dtype, monkeypatch):
+    """Many attack steps through the cached seed: the same bits as torch.autograd.grad's own ones_like seed, and
+    the seed is still a ones scalar afterwards (nothing in autograd wrote to it or took it over)."""
+    from fastat import _autograd
+
+    model, x0, noise, t = make(41, batch=5)
+    model, x0, noise = model.to(dtype), x0.to(dtype), noise.to(dtype)
+    default = lambda loss, inputs: torch.autograd.grad(loss, tuple(inputs), allow_unused=True)  # noqa: E731
+    ref = _attack(model, x0, noise, t, default, monkeypatch, steps=25)
+    got = _attack(model, x0, noise, t, _autograd.loss_grads, monkeypatch, steps=25)
+    for key in ref:
+        assert torch.equal(got[key], ref[key]), key
+    seed = _autograd._SEEDS[(torch.device("cpu"), dtype)]
+    assert seed.shape == () and seed.dtype == dtype and seed.item() == 1.0 and seed._version == 0
+    again = _attack(model, x0, noise, t, _autograd.loss_grads, monkeypatch, steps=3)
+    assert _autograd._SEEDS[(torch.device("cpu"), dtype)] is seed and torch.equal(again["loss"], _attack(
+        model, x0, noise, t, default, monkeypatch, steps=3)["loss"])
+
+
+def test_cached_seed_never_reaches_the_caller():
+    """A gradient that is the seed or a view of it (a loss among the inputs; a plain sum) comes back as a copy, so
+    writing to it leaves the seed alone; other cases take torch.autograd.grad's own path and errors."""
+    from fastat import _autograd
+
+    x = torch.randn(3, requires_grad=True)
+    for _ in range(2):
+        loss = (x * 2).sum()
+        (g_loss, g_x) = _autograd.loss_grads(loss, (loss, x))
+        g_loss.add_(5.0)
+        (g_sum,) = _autograd.loss_grads(x.sum(), (x,))
+        g_sum.mul_(3.0)
+        torch.testing.assert_close(g_x, torch.full((3,), 2.0))
+    seed = _autograd._SEEDS[(torch.device("cpu"), torch.float32)]
+    assert seed.item() == 1.0 and seed._version == 0
+    y = torch.randn(2, requires_grad=True)
+    assert _autograd.loss_grads((y * y).sum(), (y, x)) [1] is None
+    with pytest.raises(RuntimeError, match="implicitly created only for scalar"):
+        _autograd.loss_grads(y * 2, (y,))

@@ -6,7 +6,17 @@
 #include <torch/library.h>
 
 #include "kernels.h"
+#include "loss_autograd.h"
 #include "python_entry.h"
+
+namespace {
+// residual_loss with its autograd node in C++ (loss_autograd.h): the eager route's differentiable call.
+constexpr char kLoss[] = "fastat_cpp::residual_loss";
+constexpr char kLossBackward[] = "fastat_cpp::residual_loss_backward";
+constexpr auto residual_loss_autograd =
+    &fastat::autograd::residual_loss<&fastat_cpu::residual_loss, &fastat_cpu::residual_loss_backward, kLoss,
+                                     kLossBackward>;
+}  // namespace
 
 TORCH_LIBRARY_IMPL(fastat_cpp, CPU, m) {
   m.impl("noisy_input", &fastat_cpu::noisy_input);
@@ -26,6 +36,7 @@ static PyMethodDef fastat_cpp_methods[] = {
     FASTAT_ENTRY("random_perturbation", fastat_cpu::random_perturbation),
     FASTAT_ENTRY("residual_loss", fastat_cpu::residual_loss),
     FASTAT_ENTRY("residual_loss_backward", fastat_cpu::residual_loss_backward),
+    FASTAT_AUTOGRAD_ENTRY("residual_loss_autograd", residual_loss_autograd),
     {nullptr, nullptr, 0, nullptr},
 };
 

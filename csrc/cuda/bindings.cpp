@@ -7,8 +7,19 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "loss_autograd.h"
 #include "ops.h"
 #include "python_entry.h"
+
+namespace {
+// residual_loss with its autograd node in C++ (loss_autograd.h, shared with the cpp library): the eager route's
+// differentiable call.
+constexpr char kLoss[] = "fastat_cuda::residual_loss";
+constexpr char kLossBackward[] = "fastat_cuda::residual_loss_backward";
+constexpr auto residual_loss_autograd =
+    &fastat::autograd::residual_loss<&fastat::residual_loss_cuda, &fastat::residual_loss_backward_cuda, kLoss,
+                                     kLossBackward>;
+}  // namespace
 
 TORCH_LIBRARY_IMPL(fastat_cuda, CUDA, m) {
   m.impl("noisy_input", &fastat::noisy_input_cuda);
@@ -28,6 +39,7 @@ static PyMethodDef fastat_cuda_methods[] = {
     FASTAT_ENTRY("random_perturbation", fastat::random_perturbation_cuda),
     FASTAT_ENTRY("residual_loss", fastat::residual_loss_cuda),
     FASTAT_ENTRY("residual_loss_backward", fastat::residual_loss_backward_cuda),
+    FASTAT_AUTOGRAD_ENTRY("residual_loss_autograd", residual_loss_autograd),
     {nullptr, nullptr, 0, nullptr},
 };
 

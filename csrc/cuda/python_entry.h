@@ -98,35 +98,40 @@ struct ReleaseGil {
   ~ReleaseGil() { PyEval_RestoreThread(state); }
 };
 
-template <auto Kernel, typename... Params, size_t... I>
+template <auto Kernel, bool BelowAutograd, typename... Params, size_t... I>
 PyObject* call(const char* label, PyObject* const* args, std::index_sequence<I...>) {
   std::tuple<std::decay_t<Params>...> converted{Arg<std::decay_t<Params>>::get(args[I], I)...};
   auto result = [&] {
     RECORD_FUNCTION(label, c10::ArrayRef<const c10::IValue>{});
     ReleaseGil release;
-    // Below autograd, as a dispatcher kernel runs (the eager route calls it inside fastat's autograd Function).
-    c10::impl::ExcludeDispatchKeyGuard below(c10::autograd_dispatch_keyset);
-    return Kernel(std::get<I>(converted)...);
+    if constexpr (BelowAutograd) {
+      // Below autograd, as a dispatcher kernel runs (the eager route calls it inside fastat's autograd Function).
+      c10::impl::ExcludeDispatchKeyGuard below(c10::autograd_dispatch_keyset);
+      return Kernel(std::get<I>(converted)...);
+    } else {
+      return Kernel(std::get<I>(converted)...);  // an autograd kernel (loss_autograd.h): records its own node
+    }
   }();
   return wrap(std::move(result));
 }
 
-template <auto Kernel, typename List> struct Caller;
+template <auto Kernel, bool BelowAutograd, typename List> struct Caller;
 
-template <auto Kernel, typename... Params> struct Caller<Kernel, c10::guts::typelist::typelist<Params...>> {
+template <auto Kernel, bool BelowAutograd, typename... Params>
+struct Caller<Kernel, BelowAutograd, c10::guts::typelist::typelist<Params...>> {
   static PyObject* run(const char* label, PyObject* const* args, Py_ssize_t nargs) {
     TORCH_CHECK(nargs == static_cast<Py_ssize_t>(sizeof...(Params)), "expected ", sizeof...(Params), " arguments, got ", nargs);
-    return call<Kernel, Params...>(label, args, std::index_sequence_for<Params...>());
+    return call<Kernel, BelowAutograd, Params...>(label, args, std::index_sequence_for<Params...>());
   }
 };
 
-template <auto Kernel>
+template <auto Kernel, bool BelowAutograd = true>
 PyObject* entry(PyObject* label, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   using Traits = c10::guts::infer_function_traits_t<std::remove_pointer_t<decltype(Kernel)>>;
   const char* name = PyUnicode_AsUTF8(label);  // cached by the str object
   if (name == nullptr) throw python_error();
-  return Caller<Kernel, typename Traits::parameter_types>::run(name, args, nargs);
+  return Caller<Kernel, BelowAutograd, typename Traits::parameter_types>::run(name, args, nargs);
   END_HANDLE_TH_ERRORS
 }
 
@@ -161,4 +166,11 @@ inline PyObject* add_entries(PyObject* module, PyMethodDef* methods, const char*
   {                                                                                                         \
     name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fastat::python::entry<&kernel>)), \
         METH_FASTCALL, "the " name " kernel, called directly (the eager route of fastat._dispatch)"     \
+  }
+// The same for an autograd kernel (csrc/cuda/loss_autograd.h; given as a constexpr function pointer), which runs
+// above autograd and records its own node.
+#define FASTAT_AUTOGRAD_ENTRY(name, pointer)                                                                     \
+  {                                                                                                              \
+    name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fastat::python::entry<pointer, false>)), \
+        METH_FASTCALL, "the differentiable " name " (its autograd kernel), called directly by fastat._dispatch"  \
   }

@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from .._autograd import loss_grads
 from .._checks import check_choice, check_like, values_checkable
 from .._shapes import column
 from ..ops.noise import SeededNoise
@@ -228,13 +229,14 @@ def to_epsilon(pred: torch.Tensor, x_in: torch.Tensor, alpha, sigma, prediction_
 
 def input_grad(loss: torch.Tensor, inputs: Sequence[torch.Tensor], scaler=None) -> torch.Tensor:
     """d loss / d inputs, summed over the given leaves (no weight gradient is formed or accumulated), in the
-    dtype of the last one. The attack loops pass (x_in, delta): the model input and the perturbation, which
+    dtype of the last one (`fastat._autograd.loss_grads`: the engine seeded with a cached ones scalar, no fill
+    per step). The attack loops pass (x_in, delta): the model input and the perturbation, which
     may also enter the loss directly (P1's "delta" target). With a GradScaler the loss is scaled before
     the backward (so fp16 activation gradients do not underflow) and the gradient unscaled after; a
     sample whose gradient overflowed stays non-finite and pgd_step skips it."""
     scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
     require_input_grad(loss)
-    grads = torch.autograd.grad(loss if scale is None else loss * scale, list(inputs), allow_unused=True)
+    grads = loss_grads(loss if scale is None else loss * scale, inputs)
     return leaf_grad_sum(grads, inputs[-1], scale)
 
 

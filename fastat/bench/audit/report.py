@@ -100,9 +100,10 @@ MISS_REASONS = {
     "q_sample": "one index_select gathers the [2, B] (sqrt(abar), sqrt(1 - abar)) pair from the device-side table "
                 "(cached after the first call) and the kernel reads it back: a second launch, and at D = 2, where [B] "
                 "vectors weigh as much as the data, 1.4x the floor. Gathering in the kernel would remove both.",
-    "chain": "with noisy_input as its own op the AT inner step is 4 op directions, and autograd adds the seed of "
-             "torch.autograd.grad (ones_like, a fill kernel the API cannot avoid): 5 launches at best (Triton at 128x3x32x32 "
-             "and 65536x2). Over 64K elements per sample pgd_step adds its reduction pass; CUDA's loss forward is tile "
+    "chain": "with noisy_input as its own op the AT inner step is 4 op directions: 4 launches at best (Triton at "
+             "128x3x32x32 and 65536x2; the attack loop seeds the backward with a cached ones scalar, "
+             "fastat._autograd.loss_grads, so autograd adds no fill kernel). Over 64K elements per sample pgd_step adds "
+             "its reduction pass; CUDA's loss forward is tile "
              "reduction + finalize (its batch sum over 65536 samples runs in one block: the largest CUDA cost at D = 2). "
              "bytes/floor 1.12-1.14 at the large shapes is pgd_step's second read.",
     "losses": "the residual is stored in fp32 (each low-precision gradient rounded once, as the reference): at bf16 the "

@@ -54,19 +54,30 @@ class ResidualLossFunction(torch.autograd.Function):
         return loss, per_sample, residual
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_per_sample, _grad_residual):
-        need = ctx.needs_input_grad
-        if grad_loss is None or not (need[1] or need[2] or need[3]):
-            return (None,) * 14
-        residual, per_sample, sigma, weight = ctx.saved
-        if residual.numel() == 0 and per_sample.numel() != 0:
-            raise RuntimeError("fastat::residual_loss ran with save_residual=False, so it cannot be differentiated")
-        a_dtype, b_dtype, c_dtype = ctx.dtypes
-        ga, gb, gc = ctx.route.backward(grad_loss, residual, per_sample, sigma, weight, *ctx.args,
-                                        a_dtype if need[1] else None, b_dtype if need[2] else None,
-                                        c_dtype if need[3] else None)
-        return (None, ga if need[1] else None, gb if need[2] else None, gc if need[3] else None) + (None,) * 10
+        if _grad_enabled():  # create_graph=True: differentiable once, as @once_differentiable makes it
+            return _backward_once(ctx, grad_loss, _grad_per_sample, _grad_residual)
+        return _backward(ctx, grad_loss)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    """The gradients (da, db, dc) from the stored residual; without the @once_differentiable wrapper on the usual
+    path (grad mode off in the engine), which saves its no_grad context per backward."""
+    need = ctx.needs_input_grad
+    if grad_loss is None or not (need[1] or need[2] or need[3]):
+        return (None,) * 14
+    residual, per_sample, sigma, weight = ctx.saved
+    if residual.numel() == 0 and per_sample.numel() != 0:
+        raise RuntimeError("fastat::residual_loss ran with save_residual=False, so it cannot be differentiated")
+    a_dtype, b_dtype, c_dtype = ctx.dtypes
+    ga, gb, gc = ctx.route.backward(grad_loss, residual, per_sample, sigma, weight, *ctx.args,
+                                    a_dtype if need[1] else None, b_dtype if need[2] else None,
+                                    c_dtype if need[3] else None)
+    return (None, ga if need[1] else None, gb if need[2] else None, gc if need[3] else None) + (None,) * 10
+
+
+_grad_enabled = torch.is_grad_enabled
+_backward_once = torch.autograd.function.once_differentiable(_backward)
 
 
 def _fake(a, b, c, sigma, weight, sigma_s, weight_s, metric, huber_c, reduction, seed, offset, save_residual):
