@@ -20,7 +20,7 @@ EXPECTED: Dict[Tuple[str, str], Tuple[int, float]] = {
     ("triton", "noisy_input"): (1, 1.0),
     ("triton", "q_sample"): (2, 1.41),
     ("triton", "pgd_step_l2"): (2, 1.67),
-    ("triton", "pgd_step_linf"): (2, 1.34),
+    ("triton", "pgd_step_linf"): (2, 1.0),
     ("triton", "random_perturbation"): (3, 1.0),
     ("triton", "equivariant_mse"): (2, 1.0),
     ("triton", "equivariance_regularizer"): (2, 1.0),
