@@ -2,8 +2,8 @@
 
 `gaussian_noise(like, seed, offset)` draws N(0, 1) noise with Philox4x32-10 + Box-Muller exactly as
 triton's `tl.randn(seed, offset + i)` does for the element of row-major logical index i, so the
-torch reference and every Triton kernel produce the same values (bit-exact integers; log/cos within
-an fp32 ulp or two).
+torch reference and every kernel produce the same values (bit-exact integers; log/cos within a few
+fp32 ulp).
 
 `SeededNoise(seed, offset)` stands in for a noise tensor: `noisy_input(x0, SeededNoise(s), ...)` and
 `equivariant_mse(pred, SeededNoise(s), ...)` use the noise `gaussian_noise(x0, s)`, which the Triton
