@@ -6,16 +6,19 @@ pgd_step, L2 (normalize=True):
     pass 2 (elementwise): c = step / max(||g||, 1e-8) (c = step if normalize=False),
         ||delta + c g||^2 = ||delta||^2 + 2c<delta,g> + c^2||g||^2  ->  scale = min(1, R / max(||.||, 1e-8)),
         delta' = (delta + c g) * scale; a sample with any non-finite g keeps delta' = delta.
-Linf: pass 1 only counts non-finite g; pass 2 is delta' = clamp(delta + step * sign(g), -R, R).
+Linf: delta' = clamp(delta + step * sign(g), -R, R); only the non-finite policy spans tiles. Over several tiles per
+sample: one pass writes delta' and a non-finite flag per tile ([B, tiles]), then `_pgd_restore_kernel` reads each
+sample's flags and writes delta' = delta back for flagged samples only (no pass over g to count first).
 Optional `model_input_base`: pass 2 also writes base + delta' (the next model input) in the same pass.
 Launches, by elements per sample D (GPU tiles of 4096):
     D <= 4096       one kernel: the tile holds whole samples (flat tiles of whole consecutive samples for D <= 16)
     D <= SWEEP_MAX_D one kernel for batches of SWEEP_MIN_BATCH or more: each program sweeps one sample twice
                     (statistics, then the update); the grid keeps at most SWEEP_L2_BYTES of samples in flight, so
                     the second sweep reads from L2
-    larger          pass 1 on a persistent grid (about two programs per SM), then pass 2
+    larger          L2: pass 1 on a persistent grid (about two programs per SM), then pass 2; Linf: the flagging
+                    pass, then the restore (flags only, unless a gradient is not finite)
 Bytes (N = B*D elements, s = element size): 3 N s (2 N s more with a base) up to SWEEP_MAX_D; beyond, L2 reads
-delta and g twice (5 N s) and Linf reads g twice (4 N s).
+delta and g twice (5 N s), Linf stays at 3 N s (+ 4 bytes of flags per 4096 elements).
 
 random_perturbation: the values from tl.rand/tl.randn at each element's logical index (so they do not depend
 on the memory layout) from the seed held in a device tensor. Box / Linf-normal: one pass. L2 ball (uniform:
