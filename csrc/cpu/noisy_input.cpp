@@ -6,34 +6,11 @@
 #include "kernels.h"
 #include "launch.h"
 #include "noisy_input_ops.cuh"
-#include "philox_avx2.h"
 
 namespace fastat_cpu {
 
 using fastat::Layout;
 using fastat::SampleCursor;
-
-// gaussian_noise on the CPU: fastat::GaussianOp's values (the seeded stream of philox.cuh), generated in blocks by
-// `fill_normals` (sixteen at a time with AVX2) instead of one scalar Philox and libm call per element.
-template <typename T>
-struct GaussianFill {
-  T* __restrict__ out;
-  fastat::LogicalIndex logical;
-  uint64_t seed, offset;
-  bool uniform() const { return true; }
-  void span(int64_t lo, int64_t hi, int64_t) const {
-    constexpr int64_t kBlock = 512;
-    float block[kBlock];
-    for (int64_t i = lo; i < hi; i += kBlock) {
-      const int64_t count = std::min(kBlock, hi - i);
-      float* dst = std::is_same<T, float>::value ? reinterpret_cast<float*>(out + i) : block;
-      fill_normals(seed, offset, logical, i, count, dst);
-      if (!std::is_same<T, float>::value) {
-        for (int64_t k = 0; k < count; ++k) out[i + k] = fastat::from_acc<T>(block[k]);
-      }
-    }
-  }
-};
 
 at::Tensor noisy_input(const at::Tensor& x0_in, const c10::optional<at::Tensor>& noise_in, const c10::optional<at::Tensor>& delta_in,
                        const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& sigma, double alpha_s,
@@ -103,8 +80,8 @@ at::Tensor gaussian_noise(const at::Tensor& like, int64_t seed, int64_t offset, 
   if (n == 0) return out;
   const fastat::LogicalIndex logical = fastat::logical_index(out, Layout{!cl, cl});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastat_cpp::gaussian_noise", [&] {
-    elementwise(n, d, GaussianFill<scalar_t>{out.mutable_data_ptr<scalar_t>(), logical, static_cast<uint64_t>(seed),
-                                           static_cast<uint64_t>(offset)});
+    elementwise(n, d, fastat::GaussianOp<scalar_t>{out.mutable_data_ptr<scalar_t>(), logical, static_cast<uint64_t>(seed),
+                                                static_cast<uint64_t>(offset)});
   });
   return out;
 }

@@ -11,6 +11,7 @@
 
 #include "indexing.cuh"
 #include "philox.cuh"
+#include "philox_cpu.h"
 
 namespace fastat {
 

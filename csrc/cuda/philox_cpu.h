@@ -1,5 +1,6 @@
-// The seeded Gaussian stream of philox.cuh (element i = tl.randn(seed, offset + i)) computed sixteen elements at a
-// time with AVX2 + FMA, for the CPU kernels:
+// The seeded Gaussian stream of philox.cuh (element i = tl.randn(seed, offset + i)) for the CPU walks (`span`) of the
+// functors: `fill_normals` draws a block of it sixteen at a time with AVX2 + FMA (host code only: the GPU walks
+// call philox_normal per element):
 //   * Philox4x32-10 on two independent groups of eight counters (two dependency chains in flight: one chain is
 //     latency-bound), the high words of the 32x32 multiplies from _mm256_mul_epu32 on the even and the odd lanes,
 //     the round keys computed once per call; the words are exactly fastat::philox4x32's;
@@ -7,11 +8,12 @@
 //   * Box-Muller sqrt(-2 log u1) cos(2 pi u2) in fp32: log by musl's logf scheme (< 1 ulp), cos(2 pi u2) as
 //     cos(pi x) at x = 2 u2 (exact), reduced exactly to |r| <= 1/4 and evaluated by its Taylor series to pi^10 r^10
 //     (truncation < 3e-9 relative; < 1 ulp), sqrt correctly rounded.
-// Against the scalar host draw (fastat::box_muller: glibc logf, the double-precision cosine) the normals agree to
-// within 3 fp32 ulp (2.7 at most over 16M random draws and the edge values; 93% bit-equal); the tests check it
-// (tests/test_cpp_ops.py). Why not SLEEF's log/cospi: 1.6x slower here, for 99% bit-equal instead of 93%.
-// Every element goes through the vector path (a partial group is padded), so an element's value does not depend on
-// where a chunk of work starts or ends. Without AVX2 and FMA (the "base" build) `fill_normals` is the scalar loop.
+// Against the scalar draw (philox_normal on the host: glibc logf, the double-precision cosine) the normals
+// agree to within 3 fp32 ulp (2.8 at most over 50M draws and the edge values; 93% bit-equal; tests/test_cuda_build.py).
+// Why not SLEEF's log/cospi: 1.6x slower here, for 99% bit-equal instead of 93%. Every element goes through the
+// vector path (a partial group is padded), so an element's value does not depend on where a span starts or ends, and
+// every CPU op draws the same values. Without AVX2 and FMA (the "base" CPU build, the CUDA host pass, the host tests)
+// `fill_normals` is the scalar loop.
 #pragma once
 
 #include <cstdint>
@@ -19,12 +21,12 @@
 #include "indexing.cuh"
 #include "philox.cuh"
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__CUDA_ARCH__)
 #define FASTAT_PHILOX_AVX2 1
 #include <immintrin.h>
 #endif
 
-namespace fastat_cpu {
+namespace fastat {
 
 #if defined(FASTAT_PHILOX_AVX2)
 namespace philox_avx2 {
@@ -51,7 +53,7 @@ inline void mul_hi_lo(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
 }
 
 // One Philox round (fastat::philox4x32) on one group of eight counters.
-inline void round(__m256i& c0, __m256i& c1, __m256i& c2, __m256i& c3, __m256i k0, __m256i k1) {
+inline void philox_round(__m256i& c0, __m256i& c1, __m256i& c2, __m256i& c3, __m256i k0, __m256i k1) {
   const __m256i m_a = _mm256_set1_epi32(static_cast<int>(0xD2511F53u)), m_b = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
   __m256i hi_a, lo_a, hi_b, lo_b;
   mul_hi_lo(c0, m_a, hi_a, lo_a);
@@ -66,8 +68,8 @@ inline void round(__m256i& c0, __m256i& c1, __m256i& c2, __m256i& c3, __m256i k0
 inline void philox_words01(const Keys& keys, __m256i lo_a, __m256i hi_a, __m256i lo_b, __m256i hi_b, __m256i* w) {
   __m256i a2 = _mm256_setzero_si256(), a3 = a2, b2 = a2, b3 = a2;
   for (int r = 0; r < kRounds; ++r) {
-    round(lo_a, hi_a, a2, a3, keys.k0[r], keys.k1[r]);
-    round(lo_b, hi_b, b2, b3, keys.k0[r], keys.k1[r]);
+    philox_round(lo_a, hi_a, a2, a3, keys.k0[r], keys.k1[r]);
+    philox_round(lo_b, hi_b, b2, b3, keys.k0[r], keys.k1[r]);
   }
   w[0] = lo_a;
   w[1] = hi_a;
@@ -130,7 +132,7 @@ inline __m256 box_muller(__m256 u1, __m256 u2) {
 }
 
 // The 64-bit Philox counters offset + logical(first + k), k = 0..15, split in low and high words.
-inline void counters(uint64_t offset, const fastat::LogicalIndex& logical, int64_t first, int64_t valid, __m256i* lo,
+inline void counters(uint64_t offset, const LogicalIndex& logical, int64_t first, int64_t valid, __m256i* lo,
                      __m256i* hi) {
   const uint64_t base = offset + static_cast<uint64_t>(logical(first));
   if (!logical.channels_last && static_cast<uint32_t>(base) <= 0xFFFFFFFFu - 15u) {  // consecutive, no carry
@@ -155,9 +157,11 @@ inline void counters(uint64_t offset, const fastat::LogicalIndex& logical, int64
 }  // namespace philox_avx2
 #endif
 
+constexpr int64_t kNormalBlock = 256;  // normals a CPU span draws at a time (on its stack)
+
 // out[k] = N(0, 1) of memory element first + k (logical index logical(first + k)) for k in [0, count):
-// fastat::philox_normal, sixteen at a time where AVX2 and FMA are built in.
-inline void fill_normals(uint64_t seed, uint64_t offset, const fastat::LogicalIndex& logical, int64_t first,
+// philox_normal, sixteen at a time where AVX2 and FMA are built in.
+inline void fill_normals(uint64_t seed, uint64_t offset, const LogicalIndex& logical, int64_t first,
                          int64_t count, float* out) {
 #if defined(FASTAT_PHILOX_AVX2)
   const philox_avx2::Keys keys(seed);
@@ -177,8 +181,8 @@ inline void fill_normals(uint64_t seed, uint64_t offset, const fastat::LogicalIn
     }
   }
 #else
-  for (int64_t k = 0; k < count; ++k) out[k] = fastat::philox_normal(seed, offset, logical(first + k));
+  for (int64_t k = 0; k < count; ++k) out[k] = philox_normal(seed, offset, logical(first + k));
 #endif
 }
 
-}  // namespace fastat_cpu
+}  // namespace fastat
