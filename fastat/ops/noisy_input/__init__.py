@@ -8,7 +8,7 @@ import torch
 
 from ... import _dispatch
 from ..._checks import FLOAT_DTYPES, check_batch, check_same, check_tensor, check_values, coefficient
-from ..._shapes import Coef
+from ..._shapes import Coef, device_type
 from ..._backend import CACHE
 from ..._checks import values_checkable
 from ...schedules import alphas_cumprod_of
@@ -44,7 +44,7 @@ def noisy_input(
     batch = x0.shape[0]
     alpha, alpha_s = coefficient("alpha", alpha, batch, device, acc)
     sigma, sigma_s = coefficient("sigma", sigma, batch, device, acc)
-    return _run((x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, dtype), None)
+    return _run((x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, dtype, None))
 
 
 def _noise_and_dtype(x0: torch.Tensor, noise: Noise, delta: Optional[torch.Tensor]):
@@ -68,11 +68,10 @@ def _noise_and_dtype(x0: torch.Tensor, noise: Noise, delta: Optional[torch.Tenso
     return noise, seed, offset, dtype
 
 
-def _run(args, timesteps: Optional[torch.Tensor]) -> torch.Tensor:
+def _run(args: tuple) -> torch.Tensor:
     """fastat::noisy_input on the selected backend, through autograd when a gradient is needed (args: the op's
-    arguments but timesteps; with timesteps, alpha and sigma are per-timestep tables, see op.py)."""
-    x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, dtype = args
-    args = args + (timesteps,)
+    arguments; with timesteps, alpha and sigma are per-timestep tables, see op.py)."""
+    x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, dtype, timesteps = args
     grad_mode = torch.is_grad_enabled()
     coefficient_grad = grad_mode and (
         (alpha is not None and alpha.requires_grad) or (sigma is not None and sigma.requires_grad))
@@ -81,7 +80,7 @@ def _run(args, timesteps: Optional[torch.Tensor]) -> torch.Tensor:
             return reference.noisy_input(*args)
         return NOISY_INPUT.overload(*args)
     batch = x0.shape[0]
-    route = _dispatch.select(NOISY_INPUT, "cuda" if x0.is_cuda else x0.device.type, dtype,
+    route = _dispatch.select(NOISY_INPUT, device_type(x0), dtype,
                              _COEFFICIENT_GRAD if coefficient_grad else 0, x0.numel() // batch if batch else 0)
     if not route.checks_values and timesteps is None:
         check_values("alpha", alpha)
@@ -123,7 +122,7 @@ def q_sample(
             raise ValueError(f"timesteps must lie in [0, {table.shape[1] - 1}], got values in [{lo}, {hi}]")
     if steps.dtype != torch.int64 or not steps.is_contiguous():
         steps = steps.long().contiguous()
-    return _run((x0, noise, delta, table[0], table[1], 0.0, 0.0, seed, offset, dtype), steps)
+    return _run((x0, noise, delta, table[0], table[1], 0.0, 0.0, seed, offset, dtype, steps))
 
 
 def _schedule_coefficients(alphas_cumprod, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
