@@ -127,6 +127,10 @@ class OpDef:
             _AUTO_ORDER_PER_OP[(name, device_type)] = tuple(order)
         library = LIBRARY if library is None else library  # another library: tests' throwaway ops
         library.define(name + schema)
+        # trailing arguments with defaults (e.g. noisy_input's timesteps): the dispatcher may hand a Python kernel
+        # fewer arguments than the schema has; the backends' kernels always take all of them
+        parsed = torch._C.parse_schema(f"{library.ns}::{name}{schema}").arguments
+        self._defaults = tuple(a.default_value for a in parsed)
         torch.library.register_fake(f"{library.ns}::{name}", fake, lib=library)
         library.impl(name, self._operator_kernel, "CompositeExplicitAutograd")
         for backend, backend_library in BACKEND_LIBRARIES.items():
@@ -160,9 +164,13 @@ class OpDef:
         return Route("operator", self._below_autograd, self.backward_op.overload if self.backward_op else None, False, False)
 
     def _autograd_kernel(self, *args):
-        return self.function.apply(self.operator_route, *args)
+        return self.function.apply(self.operator_route, *self._complete(args))
+
+    def _complete(self, args: tuple) -> tuple:
+        return args + self._defaults[len(args):] if len(args) < len(self._defaults) else args
 
     def _operator_kernel(self, *args):
+        args = self._complete(args)
         device_type, dtype, numel = self.key(*args)
         route = select(self, device_type, dtype, 0, numel)
         out = route.forward(*args)

@@ -166,12 +166,14 @@ class KernelSpec:
 
     pointers: pointer argument -> element type ("fp32", "i64"; None = the data dtype of the call);
     constexprs: mode switch -> the values the launchers pass (BLOCK_B, BLOCK_D and num_warps come from `tile`:
-    see `tile_configs`); scalars: runtime argument -> its Triton type, for the ones that are not i32."""
+    see `tile_configs`); scalars: runtime argument -> its Triton type, for the ones that are not i32; rare: pointer
+    arguments accessed only on an exceptional path (e.g. samples with a non-finite gradient), not counted as traffic."""
 
     fn: object
     pointers: Dict[str, Optional[str]]
     constexprs: Dict[str, Tuple]
     scalars: Dict[str, str]
+    rare: Tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -181,9 +183,10 @@ class KernelSpec:
 KERNELS: Dict[str, KernelSpec] = {}
 
 
-def register_kernel(fn, *, pointers: Dict[str, Optional[str]], constexprs: Dict[str, Tuple], scalars: Optional[Dict[str, str]] = None):
+def register_kernel(fn, *, pointers: Dict[str, Optional[str]], constexprs: Dict[str, Tuple], scalars: Optional[Dict[str, str]] = None,
+                    rare: Tuple[str, ...] = ()):
     """Record a kernel and its launch variants (the list an audit or an ahead-of-time compile walks)."""
-    spec = KernelSpec(fn, dict(pointers), dict(constexprs), dict(scalars or {}))
+    spec = KernelSpec(fn, dict(pointers), dict(constexprs), dict(scalars or {}), tuple(rare))
     KERNELS[spec.name] = spec
     return fn
 

@@ -121,6 +121,34 @@ def test_noisy_input_matches_formula(shape, kind, dtype):
         assert out.stride() == x0.stride()  # dense channels_last is processed as a flat buffer and kept
 
 
+@pytest.mark.parametrize("shape,kind,dtype", _cases([(7, 2), (4, 3, 5, 6), (3, 17)], big=False))
+def test_q_sample_gathers_in_the_kernel(shape, kind, dtype):
+    """q_sample hands the kernel the (sqrt(abar), sqrt(1 - abar)) table and the int64 timesteps: the coefficients are
+    gathered per sample in the kernel; values and gradients as the float64 formula."""
+    g = gen("q_sample", shape, kind, dtype)
+    x0, noise, delta = (data(shape, dtype, kind, g).requires_grad_() for _ in range(3))
+    table = fastat.schedules.ddpm_cosine_alphas_cumprod(1000)
+    t = torch.randint(0, 1000, (shape[0],), generator=g)
+    out = on("cpp", fastat.q_sample, x0, noise, t, table, delta)
+    abar = table.double()[t]
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    close(out, hand_noisy_input(x0.double(), noise.double(), alpha, sigma, delta.double()), dtype, scale=3.0)
+    cot = data(shape, dtype, kind, g)
+    gx, gn = torch.autograd.grad(out, (x0, noise), cot)
+    col = (-1,) + (1,) * (len(shape) - 1)
+    close(gx, alpha.view(col) * cot.double(), dtype, scale=3.0)
+    close(gn, sigma.view(col) * cot.double(), dtype, scale=3.0)
+
+
+def test_q_sample_kernel_out_of_range_timestep_gives_nan():
+    """The op itself (no host check of the timesteps): a timestep outside the table gives NaN, never another value."""
+    table = torch.tensor([[1.0, 0.5], [0.0, 0.75]])
+    x0 = torch.ones(4, 3)
+    out = ops.noisy_input.default(x0, x0, None, table[0], table[1], 0.0, 0.0, 0, 0, torch.float32, torch.tensor([0, 1, 2, -1]))
+    torch.testing.assert_close(out[:2], torch.tensor([[1.0] * 3, [1.25] * 3]))
+    assert torch.isnan(out[2:]).all()
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("with_delta", (True, False))
 def test_noisy_input_gradients(dtype, with_delta):
@@ -436,6 +464,20 @@ def test_gaussian_noise_matches_the_reference():
         want = on("torch", fastat.gaussian_noise, like, 11, 100, dtype)
         assert got.stride() == want.stride() == like.stride()
         close(got, want, torch.float32 if dtype == torch.float64 else dtype)
+
+
+@pytest.mark.parametrize("shape,kind", [((5, 1001), "contiguous"), ((4, 3, 5, 7), "channels_last"), ((1, 33), "contiguous")])
+@pytest.mark.parametrize("seed,offset", [(11, 100), (2**40 + 5, 2**32 - 3), (0, 0)])
+def test_seeded_noise_is_one_stream_on_this_backend(shape, kind, seed, offset):
+    """Every CPU walk draws the stream the same way (csrc/cuda/philox_cpu.h, a block at a time): gaussian_noise and
+    the noise regenerated inside noisy_input and the loss are the same values bit for bit, in any layout."""
+    like = layout(torch.zeros(shape), kind)
+    noise = on("cpp", fastat.gaussian_noise, like, seed, offset)
+    assert torch.equal(on("cpp", fastat.noisy_input, like, fastat.SeededNoise(seed, offset), 0.0, 1.0), noise)
+    pred, delta = layout(torch.randn(shape), kind), layout(torch.randn(shape), kind)
+    sigma = torch.rand(shape[0]) + 0.5
+    seeded = noisy_cpp.equivariant_mse(pred, fastat.SeededNoise(seed, offset), delta, sigma, "delta")
+    assert torch.equal(seeded, noisy_cpp.equivariant_mse(pred, noise, delta, sigma, "delta"))
 
 
 def test_coefficient_values_are_checked_by_the_kernel():

@@ -165,6 +165,60 @@ def test_philox_header_matches_tl_randn_reference(philox_host, seed, offset):
     torch.testing.assert_close(normal, expected, atol=2e-6, rtol=2e-6)
 
 
+# ---- the CPU walks' vectorised draw (csrc/cuda/philox_cpu.h) against the scalar one --------------------------
+
+VECTOR_HARNESS = r"""
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include "philox_cpu.h"
+int main(int argc, char** argv) {
+  const unsigned long long seed = std::strtoull(argv[1], nullptr, 10), offset = std::strtoull(argv[2], nullptr, 10);
+  const long long n = std::atoll(argv[3]), c = std::atoll(argv[4]);  // c > 0: channels_last samples [c, n / 8 / c]
+  const fastat::LogicalIndex logical{n / 8, c > 0 ? c : 1, c > 0 ? n / 8 / c : 1, c > 0};
+  std::vector<float> out(n);
+  for (long long lo = 0; lo < n; lo += 1000) fastat::fill_normals(seed, offset, logical, lo, lo + 1000 < n ? 1000 : n - lo, out.data() + lo);
+  double worst = 0;
+  long long equal = 0;
+  for (long long i = 0; i < n; ++i) {
+    const float ref = fastat::philox_normal(seed, offset, logical(i));
+    worst = std::fmax(worst, std::fabs((double)out[i] - ref) / (std::fmax(std::fabs((double)ref), 0x1p-20) * 0x1p-23));
+    equal += out[i] == ref;
+  }
+#if defined(FASTAT_PHILOX_AVX2)
+  const int vector = 1;
+#else
+  const int vector = 0;
+#endif
+  std::printf("%.4f %.4f %d\n", worst, (double)equal / n, vector);
+  return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("seed,offset,channels", [(11, 100, 0), (2**40 + 5, 2**32 - 3000, 0), (7, 2**32 - 20, 3), (0, 0, 5)])
+def test_vector_draw_is_the_scalar_stream_within_three_ulp(tmp_path, seed, offset, channels):
+    """fill_normals (AVX2 Philox, fp32 log and cospi; built as the avx2 CPU extension builds it) against philox_normal
+    per element: every draw within 3 fp32 ulp, most bit for bit, in spans that start and end anywhere (the padded
+    partial groups), across the 2^32 counter carry and at channels_last logical indices."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    from fastat import _ext
+
+    (tmp_path / "vector.cpp").write_text(VECTOR_HARNESS)
+    flags = list(_ext.ISA_CFLAGS["avx2"]) if _ext.isa_level() == "avx2" else []
+    exe = tmp_path / "vector"
+    subprocess.run([cxx, "-O2", "-std=c++17", *flags, f"-I{CSRC}", str(tmp_path / "vector.cpp"), "-o", str(exe)],
+                   check=True, timeout=120)
+    out = subprocess.run([str(exe), str(seed), str(offset), str(8 * 3 * 5 * 7 * 40), str(channels)], capture_output=True,
+                         text=True, check=True, timeout=120).stdout.split()
+    worst, equal, vector = float(out[0]), float(out[1]), int(out[2])
+    assert vector == (_ext.isa_level() == "avx2")
+    assert worst <= 3.0 and equal >= (0.85 if vector else 1.0)
+
+
 # ---- index arithmetic of the kernels (csrc/cuda/indexing.cuh), compiled for the host -----------------------
 
 INDEX_HARNESS = r"""

@@ -94,6 +94,21 @@ def test_a_compiled_backend_is_its_kernels_only(cuda_as_cpp, kind):
         fastat.noisy_input(x0, noise, alpha.clone().requires_grad_(), sigma)
 
 
+def test_q_sample_gathers_in_the_compiled_kernel(cuda_as_cpp):
+    """q_sample on a compiled backend: the op receives the per-timestep tables and the int64 timesteps (the kernel's
+    Coef gathers them), no gather op runs in Python; values and gradients as the reference."""
+    x0, noise = (_make((4, 3, 5, 6), torch.float32, "contiguous", s, True) for s in range(2))
+    table = fastat.schedules.ddpm_linear_alphas_cumprod(1000)
+    t = torch.tensor([999, 0, 417, 3])
+    outs = {}
+    for backend in ("cuda", "torch"):
+        with fastat.use_backend(backend):
+            x_t = fastat.q_sample(x0, noise, t, table)
+            outs[backend] = (x_t, *torch.autograd.grad((x_t * x_t).sum(), (x0, noise)))
+    for a, b in zip(outs["cuda"], outs["torch"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: the real kernels.
 

@@ -89,7 +89,7 @@ def test_every_kernel_is_registered_with_its_variants():
                 and getattr(getattr(obj, "fn", None), "__module__", None) == module.__name__}
 
     jitted = set().union(*(kernels_in(m) for m in (ls, nz, ni, pt)))
-    assert len(jitted) == 10
+    assert len(jitted) == 11
     assert jitted == set(tu.KERNELS)
     for spec in tu.KERNELS.values():
         args = set(spec.fn.arg_names)

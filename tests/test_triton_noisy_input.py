@@ -109,6 +109,59 @@ def test_q_sample():
     torch.testing.assert_close(got, expect)
 
 
+class _FunctionSpy(torch.overrides.TorchFunctionMode):
+    """Names of the torch functions called meanwhile."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape,overrides", [((6, 2), {}), ((5, 3, 7), {}), ((3, 5, 41), {"tile": 64})])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_q_sample_gathers_in_kernel(shape, overrides, dtype):
+    """The kernel gathers (sqrt(abar_t), sqrt(1 - abar_t)) at int64 timesteps (no gather op), forward and gradients
+    as the float64 formula; int32 timesteps work the same."""
+    table = fastat.schedules.ddpm_cosine_alphas_cumprod(1000)
+    x0, noise, delta, _, _ = _inputs(shape, dtype, "contiguous", "float", requires_grad=True)
+    t = torch.randint(0, 1000, (shape[0],), generator=torch.Generator().manual_seed(2)).to(DEV)
+    t[0] = 999
+    with fastat.use_backend("triton"), tu.overrides(**overrides):
+        fastat.q_sample(x0, noise, t, table, delta)  # the first call caches the device-side table
+        with _FunctionSpy() as spy:
+            got = fastat.q_sample(x0, noise, t, table, delta)
+        assert not [name for name in spy.calls if "index_select" in name]
+        got_i32 = fastat.q_sample(x0, noise, t.int(), table, delta)
+    abar = table.double()[t.cpu()].to(DEV)
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    want = _col(alpha, x0) * x0.double() + _col(sigma, x0) * noise.double() + delta.double()
+    atol, rtol = tol(dtype)
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+    torch.testing.assert_close(got_i32, got)
+    cot = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(DEV, dtype)
+    gx, gn, gd = torch.autograd.grad(got, (x0, noise, delta), cot)
+    torch.testing.assert_close(gx.double(), _col(alpha, x0) * cot.double(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(gn.double(), _col(sigma, x0) * cot.double(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(gd, cot)
+
+
+def test_q_sample_kernel_out_of_range_timestep_gives_nan():
+    """A device tensor's timesteps are not read on the host: the kernel makes an out-of-range one NaN, never a value
+    from outside the table."""
+    from fastat.ops.noisy_input import triton_kernels
+
+    table = torch.tensor([[1.0, 0.5], [0.0, 0.75]], device=DEV)
+    x0 = torch.ones(4, 3, device=DEV)
+    t = torch.tensor([0, 1, 2, -1], device=DEV)
+    out = triton_kernels.noisy_input(x0, x0, None, table[0], table[1], 0.0, 0.0, 0, 0, torch.float32, t)
+    torch.testing.assert_close(out[:2], torch.tensor([[1.0] * 3, [1.25] * 3], device=DEV))
+    assert torch.isnan(out[2:]).all()
+
+
 def test_refusals():
     x0, noise, delta, _, _ = _inputs((2, 3), torch.float32, "contiguous", "float")
     alpha = torch.rand(2, device=DEV, requires_grad=True)

@@ -89,6 +89,24 @@ def test_nonfinite_zero_grad_and_zero_radius(path, norm):
         torch.testing.assert_close(got[3], (delta[3] * min(1.0, radius[3].item() / delta[3].norm().item())))
 
 
+@pytest.mark.parametrize("parts", [1, 3])
+def test_linf_nonfinite_over_several_tiles(parts):
+    """Linf over samples of several tiles: one pass flags the tiles with a non-finite gradient, the restore pass gives
+    every tile of a flagged sample its delta back (and x' = base + delta), clean samples keep their step."""
+    delta, grad, step, radius = _inputs((4, 2, 100))
+    base = torch.randn(4, 2, 100, device=DEV)
+    grad[1, 1, 90] = float("nan")  # the last of the sample's four 64-column tiles
+    grad[3, 0, 0] = -float("inf")  # the first
+    expect_delta, expect_x = _both(delta, grad, step, radius, "linf", model_input_base=base)[0]
+    with fastat.use_backend("triton"), tu.overrides(tile=64, split=parts):
+        got_delta, got_x = fastat.pgd_step(delta, grad, step, radius, "linf", model_input_base=base)
+    assert torch.equal(got_delta[1], delta[1]) and torch.equal(got_delta[3], delta[3])
+    assert torch.equal(got_x[1], base[1] + delta[1]) and torch.equal(got_x[3], base[3] + delta[3])
+    torch.testing.assert_close(got_delta, expect_delta, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_x, expect_x, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(got_delta[0], delta[0])
+
+
 def test_split_reduction_is_deterministic():
     delta, grad, step, radius = _inputs((2, 4, 30))
     with fastat.use_backend("triton"), tu.overrides(tile=32, split=4):

@@ -12,7 +12,8 @@ namespace fastat_cpu {
 // noisy_input.cpp
 at::Tensor noisy_input(const at::Tensor& x0, const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& delta,
                        const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& sigma, double alpha_s,
-                       double sigma_s, int64_t seed, int64_t offset, at::ScalarType dtype);
+                       double sigma_s, int64_t seed, int64_t offset, at::ScalarType dtype,
+                       const c10::optional<at::Tensor>& timesteps);
 std::tuple<at::Tensor, at::Tensor> noisy_input_backward(const at::Tensor& grad, const c10::optional<at::Tensor>& alpha,
                                                         const c10::optional<at::Tensor>& sigma, double alpha_s,
                                                         double sigma_s, c10::optional<at::ScalarType> x0_dtype,

@@ -14,11 +14,12 @@ using fastat::SampleCursor;
 
 at::Tensor noisy_input(const at::Tensor& x0_in, const c10::optional<at::Tensor>& noise_in, const c10::optional<at::Tensor>& delta_in,
                        const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& sigma, double alpha_s,
-                       double sigma_s, int64_t seed, int64_t offset, at::ScalarType dtype) {
+                       double sigma_s, int64_t seed, int64_t offset, at::ScalarType dtype,
+                       const c10::optional<at::Tensor>& timesteps) {
   TORCH_CHECK(x0_in.dim() >= 1, "fastat_cpp::noisy_input: x0 needs a batch dimension");
   TORCH_CHECK(seed >= 0 && offset >= 0, "fastat_cpp::noisy_input: seed and offset must be >= 0");
-  fastat::check_coef(alpha, x0_in, "alpha");
-  fastat::check_coef(sigma, x0_in, "sigma");
+  fastat::check_coef(alpha, x0_in, "alpha", timesteps);
+  fastat::check_coef(sigma, x0_in, "sigma", timesteps);
   fastat::check_coef_values(alpha, "alpha", fastat::Sign::kAny);
   fastat::check_coef_values(sigma, "sigma", fastat::Sign::kAny);
   at::Tensor x0 = fastat::cast(x0_in, dtype);
@@ -34,7 +35,8 @@ at::Tensor noisy_input(const at::Tensor& x0_in, const c10::optional<at::Tensor>&
     using A = fastat::acc_t<T>;
     elementwise(n, d, fastat::NoisyInputOp<T>{x0.const_data_ptr<T>(), seeded ? nullptr : noise.const_data_ptr<T>(),
                                            delta.defined() ? delta.const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>(),
-                                           fastat::make_coef<A>(alpha, alpha_s), fastat::make_coef<A>(sigma, sigma_s),
+                                           fastat::make_coef<A>(alpha, alpha_s, timesteps),
+                                           fastat::make_coef<A>(sigma, sigma_s, timesteps),
                                            fastat::logical_index(out, layout), static_cast<uint64_t>(seed),
                                            static_cast<uint64_t>(offset), SampleCursor(d)});
   });

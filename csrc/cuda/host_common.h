@@ -85,19 +85,38 @@ inline at::Tensor value_or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? *t : at::Tensor();
 }
 
-// A per-sample coefficient: a contiguous [B] fp32/fp64 tensor (what the Python layer passes) or the scalar.
-inline void check_coef(const c10::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
-  if (!t.has_value() || !t->defined()) return;
+inline bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// A per-sample coefficient: a contiguous [B] fp32/fp64 tensor (what the Python layer passes) or the scalar; with
+// `timesteps` (contiguous int64 [B], q_sample) a contiguous per-timestep table [T] gathered at the timesteps.
+inline void check_coef(const c10::optional<at::Tensor>& t, const at::Tensor& like, const char* name,
+                       const c10::optional<at::Tensor>& timesteps = c10::nullopt) {
+  if (given(timesteps)) {
+    TORCH_CHECK(timesteps->device() == like.device() && timesteps->scalar_type() == at::kLong && timesteps->dim() == 1 &&
+                    timesteps->size(0) == like.size(0) && timesteps->is_contiguous(),
+                "fastat: timesteps must be a contiguous int64 [B] tensor on the data's device with B=", like.size(0));
+  }
+  if (!given(t)) return;
   TORCH_CHECK(t->device() == like.device(), "fastat: ", name, " is on ", t->device(), " but the data is on ", like.device());
   TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, "fastat: ", name,
               " must be float32 or float64, got ", t->scalar_type());
+  if (given(timesteps)) {
+    TORCH_CHECK(t->dim() == 1 && t->is_contiguous(), "fastat: ", name, " must be a contiguous [T] table, got shape ", t->sizes());
+    return;
+  }
   TORCH_CHECK(t->dim() == 1 && t->size(0) == like.size(0) && t->is_contiguous(), "fastat: ", name,
               " must be a contiguous [B] tensor with B=", like.size(0), ", got shape ", t->sizes());
 }
 
-template <typename A> Coef<A> make_coef(const c10::optional<at::Tensor>& t, double scalar) {
-  if (t.has_value() && t->defined()) {
-    return Coef<A>{t->data_ptr(), t->scalar_type() == at::kDouble, static_cast<A>(0)};
+template <typename A> Coef<A> make_coef(const c10::optional<at::Tensor>& t, double scalar,
+                                        const c10::optional<at::Tensor>& timesteps = c10::nullopt) {
+  if (given(t)) {
+    Coef<A> c{t->data_ptr(), t->scalar_type() == at::kDouble, static_cast<A>(0)};
+    if (given(timesteps)) {
+      c.index = timesteps->data_ptr<int64_t>();
+      c.size = t->size(0);
+    }
+    return c;
   }
   return Coef<A>{nullptr, false, static_cast<A>(scalar)};
 }

@@ -11,6 +11,7 @@
 
 #include "indexing.cuh"
 #include "philox.cuh"
+#include "philox_cpu.h"
 
 namespace fastat {
 
@@ -64,13 +65,20 @@ template <int N, typename T, typename A> FASTAT_HD void store(T* p, int64_t i, c
 #endif
 }
 
-// Per-sample coefficient: a contiguous [B] fp32/fp64 tensor (read in the accumulation type) or a scalar.
+// Per-sample coefficient: a contiguous [B] fp32/fp64 tensor (read in the accumulation type) or a scalar; with an index
+// (q_sample's timesteps), a [size] table read at index[b] (NaN for an index outside the table).
 template <typename A> struct Coef {
   const void* ptr;
   bool is_double;
   A scalar;
+  const int64_t* index = nullptr;
+  int64_t size = 0;
   FASTAT_HD A operator()(int64_t b) const {
     if (ptr == nullptr) return scalar;
+    if (index != nullptr) {
+      b = index[b];
+      if (b < 0 || b >= size) return static_cast<A>(NAN);
+    }
     return is_double ? static_cast<A>(static_cast<const double*>(ptr)[b]) : static_cast<A>(static_cast<const float*>(ptr)[b]);
   }
 };

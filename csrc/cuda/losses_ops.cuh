@@ -83,11 +83,18 @@ struct ResidualOp {
 
  private:
   template <bool SEEDED>
-  void span_as(int64_t lo, int64_t hi, bool store, bool abs) {  // seeded noise: Philox per element anyway
-    for (int64_t i = lo, l = 0; i < hi; ++i, l = (l + 1) % LANES) {
-      const A r = residual_of(to_acc(a[i]), noise_at(i), HAS_C ? to_acc(c[i]) : A(0), sb);
-      if (store) residual[i] = r;
-      sum[l] += abs ? fabs(r) : r * r;
+  void span_as(int64_t lo, int64_t hi, bool store, bool abs) {  // seeded noise: the draws a block at a time
+    float e[kNormalBlock];
+    int64_t l = 0;
+    for (int64_t i0 = lo; i0 < hi; i0 += kNormalBlock) {
+      const int64_t m = hi - i0 < kNormalBlock ? hi - i0 : kNormalBlock;
+      fill_normals(seed, offset, logical, i0, m, e);
+      for (int64_t k = 0; k < m; ++k, l = (l + 1) % LANES) {
+        const int64_t i = i0 + k;
+        const A r = residual_of(to_acc(a[i]), static_cast<A>(e[k]), HAS_C ? to_acc(c[i]) : A(0), sb);
+        if (store) residual[i] = r;
+        sum[l] += abs ? fabs(r) : r * r;
+      }
     }
   }
 

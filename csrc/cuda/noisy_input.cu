@@ -10,13 +10,13 @@ namespace fastat {
 at::Tensor noisy_input_cuda(const at::Tensor& x0_in, const c10::optional<at::Tensor>& noise_in,
                             const c10::optional<at::Tensor>& delta_in, const c10::optional<at::Tensor>& alpha,
                             const c10::optional<at::Tensor>& sigma, double alpha_s, double sigma_s, int64_t seed,
-                            int64_t offset, at::ScalarType dtype) {
+                            int64_t offset, at::ScalarType dtype, const c10::optional<at::Tensor>& timesteps) {
   check_data(x0_in, "x0");
   at::Tensor noise = value_or_undefined(noise_in), delta = value_or_undefined(delta_in);
   if (noise.defined()) check_like(noise, x0_in, "noise", "x0");
   if (delta.defined()) check_like(delta, x0_in, "delta", "x0");
-  check_coef(alpha, x0_in, "alpha");
-  check_coef(sigma, x0_in, "sigma");
+  check_coef(alpha, x0_in, "alpha", timesteps);
+  check_coef(sigma, x0_in, "sigma", timesteps);
   TORCH_CHECK(seed >= 0 && offset >= 0, "fastat_cuda: seed and offset must be >= 0, got ", seed, " and ", offset);
   c10::cuda::CUDAGuard guard(x0_in.device());
   // Half-precision data (x0, noise) with fp32 delta and output, the training case: read as they are (Tin).
@@ -40,7 +40,8 @@ at::Tensor noisy_input_cuda(const at::Tensor& x0_in, const c10::optional<at::Ten
           n, vec,
           NoisyInputOp<float, Tin>{x0.data_ptr<Tin>(), seeded ? nullptr : noise.data_ptr<Tin>(),
                                    delta.defined() ? delta.data_ptr<float>() : nullptr, out.data_ptr<float>(),
-                                   make_coef<float>(alpha, alpha_s), make_coef<float>(sigma, sigma_s), logical_index(out, layout),
+                                   make_coef<float>(alpha, alpha_s, timesteps), make_coef<float>(sigma, sigma_s, timesteps),
+                                   logical_index(out, layout),
                                    static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), SampleCursor(d)},
           stream);
     });
@@ -53,7 +54,8 @@ at::Tensor noisy_input_cuda(const at::Tensor& x0_in, const c10::optional<at::Ten
     launch_elementwise<P>(n, vec,
                           NoisyInputOp<T>{x0.data_ptr<T>(), seeded ? nullptr : noise.data_ptr<T>(),
                                           delta.defined() ? delta.data_ptr<T>() : nullptr, out.data_ptr<T>(),
-                                          make_coef<A>(alpha, alpha_s), make_coef<A>(sigma, sigma_s), logical_index(out, layout),
+                                          make_coef<A>(alpha, alpha_s, timesteps), make_coef<A>(sigma, sigma_s, timesteps),
+                                          logical_index(out, layout),
                                           static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), SampleCursor(d)},
                           stream);
   });

@@ -7,6 +7,8 @@
 // vectorises; `uniform()` says the per-sample values do not depend on b, so a span may cross samples).
 #pragma once
 
+#include <type_traits>
+
 #include "kernel_utils.cuh"
 
 namespace fastat {
@@ -53,8 +55,16 @@ struct NoisyInputOp {
   bool uniform() const { return alpha.ptr == nullptr && sigma.ptr == nullptr; }
   void span(int64_t lo, int64_t hi, int64_t b) const {
     const A a = alpha(b), s = sigma(b);
-    if (noise == nullptr) {
-      for (int64_t i = lo; i < hi; ++i) out[i] = from_acc<T>(value(a, s, to_acc(x0[i]), draw(i), delta ? to_acc(delta[i]) : A(0)));
+    if (noise == nullptr) {  // the draws a block at a time (philox_cpu.h)
+      float e[kNormalBlock];
+      for (int64_t i0 = lo; i0 < hi; i0 += kNormalBlock) {
+        const int64_t m = hi - i0 < kNormalBlock ? hi - i0 : kNormalBlock;
+        fill_normals(seed, offset, logical, i0, m, e);
+        for (int64_t k = 0; k < m; ++k) {
+          const int64_t i = i0 + k;
+          out[i] = from_acc<T>(value(a, s, to_acc(x0[i]), static_cast<A>(e[k]), delta ? to_acc(delta[i]) : A(0)));
+        }
+      }
     } else if (delta != nullptr) {
       for (int64_t i = lo; i < hi; ++i) out[i] = from_acc<T>(value(a, s, to_acc(x0[i]), to_acc(noise[i]), to_acc(delta[i])));
     } else {
@@ -110,8 +120,17 @@ struct GaussianOp {
   }
 
   bool uniform() const { return true; }
-  void span(int64_t lo, int64_t hi, int64_t) const {
-    for (int64_t i = lo; i < hi; ++i) out[i] = from_acc<T>(philox_normal(seed, offset, logical(i)));
+  void span(int64_t lo, int64_t hi, int64_t) const {  // a block at a time (philox_cpu.h), fp32 output drawn in place
+    float e[kNormalBlock];
+    for (int64_t i0 = lo; i0 < hi; i0 += kNormalBlock) {
+      const int64_t m = hi - i0 < kNormalBlock ? hi - i0 : kNormalBlock;
+      if constexpr (std::is_same<T, float>::value) {
+        fill_normals(seed, offset, logical, i0, m, out + i0);
+      } else {
+        fill_normals(seed, offset, logical, i0, m, e);
+        for (int64_t k = 0; k < m; ++k) out[i0 + k] = from_acc<T>(e[k]);
+      }
+    }
   }
 };
 

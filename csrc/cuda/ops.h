@@ -14,7 +14,8 @@ namespace fastat {
 // noisy_input.cu
 at::Tensor noisy_input_cuda(const at::Tensor& x0, const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& delta,
                             const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& sigma, double alpha_s,
-                            double sigma_s, int64_t seed, int64_t offset, at::ScalarType dtype);
+                            double sigma_s, int64_t seed, int64_t offset, at::ScalarType dtype,
+                            const c10::optional<at::Tensor>& timesteps);
 std::tuple<at::Tensor, at::Tensor> noisy_input_backward_cuda(const at::Tensor& grad, const c10::optional<at::Tensor>& alpha,
                                                              const c10::optional<at::Tensor>& sigma, double alpha_s,
                                                              double sigma_s, c10::optional<at::ScalarType> x0_dtype,

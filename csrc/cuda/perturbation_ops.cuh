@@ -317,17 +317,17 @@ struct NormalSumOp {
     out[0] = s;
   }
 
-  void span(int64_t lo, int64_t hi) {
+  void span(int64_t lo, int64_t hi) {  // the draws a block at a time (philox_cpu.h), element k into lane k % LANES
     const uint64_t sd = static_cast<uint64_t>(*seed);
-    int64_t i = lo;
-    for (; i + LANES <= hi; i += LANES)
-      for (int l = 0; l < LANES; ++l) {
-        const A v = philox_normal(sd, 0, logical(i + l));
+    float e[kNormalBlock];
+    int l = 0;
+    for (int64_t i0 = lo; i0 < hi; i0 += kNormalBlock) {
+      const int64_t m = hi - i0 < kNormalBlock ? hi - i0 : kNormalBlock;
+      fill_normals(sd, 0, logical, i0, m, e);
+      for (int64_t k = 0; k < m; ++k, l = l + 1 == LANES ? 0 : l + 1) {
+        const A v = e[k];
         nn[l] += v * v;
       }
-    for (int l = 0; i < hi; ++i, ++l) {
-      const A v = philox_normal(sd, 0, logical(i));
-      nn[l] += v * v;
     }
   }
 };
@@ -389,10 +389,18 @@ struct RandomApplyOp {
   void span(int64_t lo, int64_t hi, int64_t b) const {
     const uint64_t sd = static_cast<uint64_t>(*seed);
     const A c = mode == 0 ? coef[b] : radius(b);
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t j = logical(i);
-      const A v = (mode == 1 ? A(2) * A(philox_uniform(sd, 0, j)) - A(1) : A(philox_normal(sd, 0, j))) * c;
-      out[i] = from_acc<T>(mode == 2 ? clamp_box(v, c) : v);
+    if (mode == 1) {
+      for (int64_t i = lo; i < hi; ++i) out[i] = from_acc<T>((A(2) * A(philox_uniform(sd, 0, logical(i))) - A(1)) * c);
+      return;
+    }
+    float e[kNormalBlock];  // the normal forms: the draws a block at a time (philox_cpu.h)
+    for (int64_t i0 = lo; i0 < hi; i0 += kNormalBlock) {
+      const int64_t m = hi - i0 < kNormalBlock ? hi - i0 : kNormalBlock;
+      fill_normals(sd, 0, logical, i0, m, e);
+      for (int64_t k = 0; k < m; ++k) {
+        const A v = A(e[k]) * c;
+        out[i0 + k] = from_acc<T>(mode == 2 ? clamp_box(v, c) : v);
+      }
     }
   }
   // L2 forms, elements i .. i+N-1 of one sample whose multiplier is c (the one-launch sweep).

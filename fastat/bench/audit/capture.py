@@ -250,8 +250,12 @@ def record_triton_launches(recorder: "Recorder") -> Iterator[None]:
             grid = grid(bound)
         grid = list(grid) + [1] * (3 - len(grid))
         recorder.consume([v for v in bound.values() if isinstance(v, torch.Tensor)])
+        from fastat import _triton_utils as tu
+
+        spec = tu.KERNELS.get(fn.__name__)
         recorder.events.append({"kind": "triton", "kernel": f"{fn.__module__}:{fn.__name__}", "grid": [int(g) for g in grid],
                                 "options": options, "constexprs": constexprs, "args": specs,
+                                "rare_args": list(spec.rare) if spec is not None else [],
                                 "inside": recorder.stack[-1] if recorder.stack else None})
         return None
 

@@ -198,8 +198,15 @@ def _noisy_input(args, sms):
     elt, n = SIZES[dtype], x0["numel"]
     read = n * SIZES[data] * (1 + (noise is not None)) + (n * elt if delta is not None else 0)
     reads = 1 + (noise is not None) + (delta is not None)
+    steps = _t(args, "timesteps")
+    if steps is None:
+        coefs = _coefs(args, "alpha", "sigma")
+    else:  # q_sample: Coef reads the [T] tables at timesteps[b] (at most one value per sample from each)
+        batch = steps["numel"]
+        coefs = _bytes(steps) + sum(min(_bytes(_t(args, c)), batch * _t(args, c)["element_size"])
+                                    for c in ("alpha", "sigma") if _t(args, c) is not None)
     out.append(_elementwise(f"NoisyInputOp<{CPP_TYPES[dtype]}, {CPP_TYPES[data]}>", n, _aligned(x0, noise, delta), elt,
-                            read + _coefs(args, "alpha", "sigma"), n * elt, (reads, 1), sms))
+                            read + coefs, n * elt, (reads, 1), sms))
     return out
 
 

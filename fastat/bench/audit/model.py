@@ -80,7 +80,8 @@ def launch_us(nbytes: int, f: float, serial: int = 0) -> float:
 
 
 def triton_launch(event: Dict[str, Any], compiled: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """Bytes (each accessed tensor argument moved once) and estimate of one recorded Triton launch."""
+    """Bytes (each accessed tensor argument moved once, those of the kernel's `rare` path aside) and estimate of one
+    recorded Triton launch."""
     grid = event["grid"]
     blocks = grid[0] * grid[1] * grid[2]
     warps = event["options"].get("num_warps", 4)
@@ -88,9 +89,10 @@ def triton_launch(event: Dict[str, Any], compiled: Optional[Dict[str, Any]]) -> 
     read = write = 0
     streams = 0  # bytes per element of the [B, D] tensors the kernel moves
     data_numel = max([a["tensor"]["numel"] for a in event["args"] if "tensor" in a] or [0])
+    rare = set(event.get("rare_args", ()))  # touched only on an exceptional path (see tu.KernelSpec)
     for a in event["args"]:
         spec = a.get("tensor")
-        if spec is None or a["name"] not in accessed:
+        if spec is None or a["name"] not in accessed or a["name"] in rare:
             continue
         kinds = accessed[a["name"]]
         if kinds.get("load"):

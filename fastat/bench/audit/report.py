@@ -93,13 +93,15 @@ MISS_REASONS = {
                    "delta and grad are read twice (5/3 of the floor). One DRAM pass needs each sample on chip or in L2 "
                    "between the passes; 32 bf16 samples of 786K elements (delta + grad: 100 MB) or one of 16M fp32 (128 MB) "
                    "exceed the 50 MB L2. Up to 64K elements per sample the step is one launch at the floor (sweep kernels).",
-    "pgd_step_linf": "samples over 64K elements: Triton reads grad twice (a non-finite check, then the step); CUDA "
-                     "zero-fills a flag per sample and restores flagged samples (3 launches, bytes at the floor).",
-    "random_perturbation": "the L2 ball over 64K-element samples: a norm pass then the draw pass, each generating the "
-                           "normals (Philox, ~140 instructions per element: compute, not bytes); up to 64K one launch.",
-    "q_sample": "one index_select gathers the [2, B] (sqrt(abar), sqrt(1 - abar)) pair from the device-side table "
-                "(cached after the first call) and the kernel reads it back: a second launch, and at D = 2, where [B] "
-                "vectors weigh as much as the data, 1.4x the floor. Gathering in the kernel would remove both.",
+    "pgd_step_linf": "(targets met) samples over 64K elements: Triton steps in one pass that flags tiles with a "
+                     "non-finite gradient, then a launch that reads only the flags and restores flagged samples (2 launches, "
+                     "bytes at the floor); CUDA zero-fills a flag per sample, steps and restores flagged samples (3 launches, "
+                     "bytes at the floor): its generic grid-stride launcher has no per-block flag slot, so the 2 us fill stays.",
+    "random_perturbation": "the L2 ball over 64K-element samples: the seed drawn from the caller's generator (a launch), "
+                           "a norm pass, then the draw pass, each generating the normals (Philox, ~140 instructions per "
+                           "element: compute, which this model does not count, so the norm pass costs more than shown); up "
+                           "to 64K one launch. Nothing cheap: every draw needs its sample's norm before it is written (a "
+                           "grid-wide dependency), and a device-side seed keeps the call graph-capturable.",
     "chain": "with noisy_input as its own op the AT inner step is 4 op directions: 4 launches at best (Triton at "
              "128x3x32x32 and 65536x2; the attack loop seeds the backward with a cached ones scalar, "
              "fastat._autograd.loss_grads, so autograd adds no fill kernel). Over 64K elements per sample pgd_step adds "

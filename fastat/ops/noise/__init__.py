@@ -2,8 +2,8 @@
 
 `gaussian_noise(like, seed, offset)` draws N(0, 1) noise with Philox4x32-10 + Box-Muller exactly as
 triton's `tl.randn(seed, offset + i)` does for the element of row-major logical index i, so the
-torch reference and every Triton kernel produce the same values (bit-exact integers; log/cos within
-an fp32 ulp or two).
+torch reference and every kernel produce the same values (bit-exact integers; log/cos within a few
+fp32 ulp).
 
 `SeededNoise(seed, offset)` stands in for a noise tensor: `noisy_input(x0, SeededNoise(s), ...)` and
 `equivariant_mse(pred, SeededNoise(s), ...)` use the noise `gaussian_noise(x0, s)`, which the Triton
@@ -18,11 +18,14 @@ from typing import Optional, Union
 import torch
 
 from ... import _dispatch
-from ..._checks import check_like, check_tensor
+from ..._checks import FLOAT_DTYPES, check_like, check_tensor
 from ..._shapes import device_type
 from . import reference
 from .op import GAUSSIAN_NOISE
 from .reference import SEED_LIMIT
+
+FLOATS = frozenset(FLOAT_DTYPES)
+is_compiling = torch.compiler.is_compiling
 
 
 def _check_int(name: str, value) -> int:
@@ -71,20 +74,25 @@ def gaussian_noise(
     computed in fp32 and rounded once. Deterministic: the same (seed, offset) gives the same tensor on
     every backend and device.
     """
-    check_tensor("like", like)
-    _check_int("seed", seed)
-    _check_int("offset", offset)
-    if offset + like.numel() > SEED_LIMIT:
-        raise ValueError(f"offset + like.numel() must stay below 2**63, got {offset} + {like.numel()}")
-    dtype = like.dtype if dtype is None else dtype
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+    # the common case checked inline (this glue costs as much as the kernel at small sizes), the full checks otherwise
+    if not isinstance(like, torch.Tensor) or like.dtype not in FLOATS or like.ndim < 1:
+        check_tensor("like", like)
+    if type(seed) is not int or not 0 <= seed < SEED_LIMIT:
+        _check_int("seed", seed)
+    if type(offset) is not int or not 0 <= offset < SEED_LIMIT:
+        _check_int("offset", offset)
+    total = like.numel()
+    if offset + total > SEED_LIMIT:
+        raise ValueError(f"offset + like.numel() must stay below 2**63, got {offset} + {total}")
+    if dtype is None:
+        dtype = like.dtype
+    elif dtype not in FLOATS:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     args = (like, seed, offset, dtype)
-    if _dispatch.compiling():
+    if is_compiling():
         return reference.gaussian_noise(*args) if _dispatch.traced_as_reference() else GAUSSIAN_NOISE.overload(*args)
     batch = like.shape[0]
-    numel = like.numel() // batch if batch else 0
-    return _dispatch.select(GAUSSIAN_NOISE, device_type(like), dtype, 0, numel).forward(*args)
+    return _dispatch.select(GAUSSIAN_NOISE, device_type(like), dtype, 0, total // batch if batch else 0).forward(*args)
 
 
 def check_noise(name: str, noise, ref_name: str, ref: torch.Tensor) -> Noise:

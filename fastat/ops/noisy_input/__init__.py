@@ -8,7 +8,7 @@ import torch
 
 from ... import _dispatch
 from ..._checks import FLOAT_DTYPES, check_batch, check_same, check_tensor, check_values, coefficient
-from ..._shapes import Coef
+from ..._shapes import Coef, device_type
 from ..._backend import CACHE
 from ..._checks import values_checkable
 from ...schedules import alphas_cumprod_of
@@ -38,6 +38,18 @@ def noisy_input(
     """
     if not isinstance(x0, torch.Tensor) or x0.dtype not in FLOATS or x0.ndim < 1:
         check_tensor("x0", x0)
+    noise, seed, offset, dtype = _noise_and_dtype(x0, noise, delta)
+    device = x0.device
+    acc = torch.float64 if dtype is torch.float64 else torch.float32
+    batch = x0.shape[0]
+    alpha, alpha_s = coefficient("alpha", alpha, batch, device, acc)
+    sigma, sigma_s = coefficient("sigma", sigma, batch, device, acc)
+    return _run((x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, dtype, None))
+
+
+def _noise_and_dtype(x0: torch.Tensor, noise: Noise, delta: Optional[torch.Tensor]):
+    """(noise tensor or None, seed, offset, output dtype) after checking noise and delta against x0: the promoted
+    dtype of x0, noise and delta (seeded noise takes no part in the promotion)."""
     shape, device, dtype = x0.shape, x0.device, x0.dtype
     if isinstance(noise, SeededNoise):
         check_noise("noise", noise, "x0", x0)
@@ -53,11 +65,13 @@ def noisy_input(
         check_same("delta", delta, "x0", shape, device)
         if delta.dtype is not dtype:
             dtype = torch.promote_types(dtype, delta.dtype)
-    acc = torch.float64 if dtype is torch.float64 else torch.float32
-    batch = shape[0]
-    alpha, alpha_s = coefficient("alpha", alpha, batch, device, acc)
-    sigma, sigma_s = coefficient("sigma", sigma, batch, device, acc)
-    args = (x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, dtype)
+    return noise, seed, offset, dtype
+
+
+def _run(args: tuple) -> torch.Tensor:
+    """fastat::noisy_input on the selected backend, through autograd when a gradient is needed (args: the op's
+    arguments; with timesteps, alpha and sigma are per-timestep tables, see op.py)."""
+    x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, dtype, timesteps = args
     grad_mode = torch.is_grad_enabled()
     coefficient_grad = grad_mode and (
         (alpha is not None and alpha.requires_grad) or (sigma is not None and sigma.requires_grad))
@@ -65,9 +79,10 @@ def noisy_input(
         if coefficient_grad or _dispatch.traced_as_reference():
             return reference.noisy_input(*args)
         return NOISY_INPUT.overload(*args)
-    route = _dispatch.select(NOISY_INPUT, "cuda" if x0.is_cuda else device.type, dtype,
+    batch = x0.shape[0]
+    route = _dispatch.select(NOISY_INPUT, device_type(x0), dtype,
                              _COEFFICIENT_GRAD if coefficient_grad else 0, x0.numel() // batch if batch else 0)
-    if not route.checks_values:
+    if not route.checks_values and timesteps is None:
         check_values("alpha", alpha)
         check_values("sigma", sigma)
     if grad_mode and (x0.requires_grad or (noise is not None and noise.requires_grad)
@@ -87,7 +102,7 @@ def q_sample(
 
     `alphas_cumprod` is a table (fastat.schedules or a diffusers scheduler's, or the scheduler itself);
     the coefficients are computed in float64 and applied in fp32 (float64 for float64 data; see
-    `schedules.alpha_sigma`).
+    `schedules.alpha_sigma`); the kernel gathers them by timestep from a device-side table.
     """
     check_tensor("x0", x0)
     if not isinstance(timesteps, torch.Tensor):
@@ -98,22 +113,22 @@ def q_sample(
         raise ValueError(f"timesteps is on {timesteps.device} but x0 is on {x0.device}; put them on one device")
     if steps.dtype.is_floating_point or steps.dtype == torch.bool:
         raise TypeError(f"timesteps must be an integer tensor, got {steps.dtype}")
-    data_dtypes = [x0.dtype] + [v.dtype for v in (noise, delta) if isinstance(v, torch.Tensor)]
-    float64 = any(d == torch.float64 for d in data_dtypes)
-    table = _schedule_coefficients(alphas_cumprod, x0.device, torch.float64 if float64 else torch.float32)
+    noise, seed, offset, dtype = _noise_and_dtype(x0, noise, delta)
+    table = _schedule_coefficients(alphas_cumprod, x0.device, torch.float64 if dtype is torch.float64 else torch.float32)
     if values_checkable(steps) and steps.numel():
         values = steps.tolist() if steps.numel() <= 256 else [int(steps.min()), int(steps.max())]
         lo, hi = min(values), max(values)
         if lo < 0 or hi >= table.shape[1]:
             raise ValueError(f"timesteps must lie in [0, {table.shape[1] - 1}], got values in [{lo}, {hi}]")
-    pair = table.index_select(1, steps if steps.dtype in (torch.int64, torch.int32) else steps.long())
-    return noisy_input(x0, noise, pair[0], pair[1], delta)
+    if steps.dtype != torch.int64 or not steps.is_contiguous():
+        steps = steps.long().contiguous()
+    return _run((x0, noise, delta, table[0], table[1], 0.0, 0.0, seed, offset, dtype, steps))
 
 
-def _schedule_coefficients(alphas_cumprod, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[2, T] in `dtype` (fp32, or float64 for float64 data) on `device`: sqrt(abar) and sqrt(1 - abar) formed in
-    float64 (as schedules.alpha_sigma forms them), kept in the one cache per table tensor (checked by identity and
-    version), so q_sample gathers both coefficients in one op."""
+def _schedule_coefficients(alphas_cumprod, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[2, T] in `dtype` (the accumulation dtype) on `device`: sqrt(abar) and sqrt(1 - abar) formed in float64 (as
+    schedules.alpha_sigma forms them), kept in the one cache per table tensor (checked by identity and version), so
+    q_sample's kernel reads both coefficients from the device with no copy or gather per call."""
     source = alphas_cumprod if isinstance(alphas_cumprod, torch.Tensor) else getattr(alphas_cumprod, "alphas_cumprod", None)
     key = ("q_sample coefficients", id(source), device, dtype)
     entry = CACHE.get(key) if isinstance(source, torch.Tensor) else None

@@ -15,9 +15,13 @@ def output_dtype(x0: torch.Tensor, noise: Optional[torch.Tensor], delta: Optiona
     return dtype if delta is None else promote(dtype, delta.dtype)
 
 
-def noisy_input(x0, noise, delta, alpha, sigma, alpha_s: float, sigma_s: float, seed: int, offset: int, dtype):
-    """x_t = alpha * x0 + sigma * noise (+ delta) in `dtype`; noise None: gaussian_noise(x0, seed, offset)."""
+def noisy_input(x0, noise, delta, alpha, sigma, alpha_s: float, sigma_s: float, seed: int, offset: int, dtype,
+                timesteps=None):
+    """x_t = alpha * x0 + sigma * noise (+ delta) in `dtype`; noise None: gaussian_noise(x0, seed, offset);
+    timesteps: alpha and sigma are per-timestep tables, gathered at timesteps."""
     acc = accumulation_dtype(dtype)
+    if timesteps is not None:
+        alpha, sigma = (None if c is None else c.index_select(0, timesteps) for c in (alpha, sigma))
     if noise is None:
         noise = gaussian_noise(x0, seed, offset, torch.float32)
     a = alpha_s if alpha is None else column(alpha, x0)

@@ -2,7 +2,8 @@
 
 Forward: one elementwise pass (reads x0, noise, delta; writes x_t); with seeded noise (noise None) the noise is
 regenerated in-kernel (tl.randn at each element's logical index), so it is never read: 2 reads + 1 write
-instead of 3 + 1. Backward: one pass reading grad and writing alpha*g (to x0) and sigma*g (to noise).
+instead of 3 + 1. With timesteps (q_sample) alpha and sigma are per-timestep tables gathered in the kernel at
+timesteps[b] (no gather launch). Backward: one pass reading grad and writing alpha*g (to x0) and sigma*g (to noise).
 """
 from __future__ import annotations
 
@@ -19,15 +20,21 @@ from ..._shapes import empty_output, work_layout
 @triton.jit
 def _noisy_input_fwd_kernel(
     x0, noise, delta, out, alpha_ptr, alpha_s, sigma_ptr, sigma_s,
-    B, D, C, S, seed, noise_offset, n_col_blocks,
-    ALPHA_T: tl.constexpr, SIGMA_T: tl.constexpr, HAS_DELTA: tl.constexpr, SEEDED: tl.constexpr,
+    timesteps, n_steps, B, D, C, S, seed, noise_offset, n_col_blocks,
+    ALPHA_T: tl.constexpr, SIGMA_T: tl.constexpr, HAS_DELTA: tl.constexpr, SEEDED: tl.constexpr, GATHER: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, FLAT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows, cols, mask = tu.tile_index(pid, n_col_blocks, B, D, BLOCK_B, BLOCK_D)
     offs = rows * D + cols
-    alpha = tu.row_coef(alpha_ptr, alpha_s, rows, rows < B, ALPHA_T)
-    sigma = tu.row_coef(sigma_ptr, sigma_s, rows, rows < B, SIGMA_T)
+    if GATHER:  # q_sample: the coefficients of timestep t_b from the [T] tables; t outside [0, T): NaN
+        t = tl.load(timesteps + rows, mask=rows < B, other=0)
+        valid = (t >= 0) & (t < n_steps)
+        alpha = tl.where(valid, tl.load(alpha_ptr + t, mask=valid & (rows < B), other=1.0), float("nan"))
+        sigma = tl.where(valid, tl.load(sigma_ptr + t, mask=valid & (rows < B), other=1.0), float("nan"))
+    else:
+        alpha = tu.row_coef(alpha_ptr, alpha_s, rows, rows < B, ALPHA_T)
+        sigma = tu.row_coef(sigma_ptr, sigma_s, rows, rows < B, SIGMA_T)
     if SEEDED:
         eps = tu.seeded_randn(seed, noise_offset, tu.logical_index(rows, cols, D, C, S, CHANNELS_LAST))
     else:
@@ -40,10 +47,10 @@ def _noisy_input_fwd_kernel(
 
 tu.register_kernel(
     _noisy_input_fwd_kernel,
-    pointers=dict.fromkeys(["x0", "noise", "delta", "out"]) | {"alpha_ptr": "fp32", "sigma_ptr": "fp32"},
+    pointers=dict.fromkeys(["x0", "noise", "delta", "out"]) | {"alpha_ptr": "fp32", "sigma_ptr": "fp32", "timesteps": "i64"},
     constexprs={"ALPHA_T": (False, True), "SIGMA_T": (False, True), "HAS_DELTA": (False, True), "SEEDED": (False, True),
-                "CHANNELS_LAST": (False, True), "FLAT": (False, True)},
-    scalars={"alpha_s": "fp32", "sigma_s": "fp32", "seed": "i64", "noise_offset": "i64"},
+                "GATHER": (False, True), "CHANNELS_LAST": (False, True), "FLAT": (False, True)},
+    scalars={"alpha_s": "fp32", "sigma_s": "fp32", "seed": "i64", "noise_offset": "i64", "n_steps": "i64"},
 )
 
 
@@ -74,7 +81,7 @@ tu.register_kernel(
 )
 
 
-def noisy_input(x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, dtype):
+def noisy_input(x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, dtype, timesteps=None):
     """fastat::noisy_input on the Triton backend."""
     seeded = noise is None
     layout = work_layout([x0, noise, delta], logical=seeded)
@@ -88,9 +95,10 @@ def noisy_input(x0, noise, delta, alpha, sigma, alpha_s, sigma_s, seed, offset, 
     tu.launch(_noisy_input_fwd_kernel, grid, (
         x0, x0 if seeded else noise, x0 if delta is None else delta, out,
         x0 if alpha is None else alpha, alpha_s, x0 if sigma is None else sigma, sigma_s,
+        x0 if timesteps is None else timesteps, 0 if timesteps is None else alpha.shape[0],
         batch, numel, c, s, seed, offset, n_col,
     ), dict(ALPHA_T=alpha is not None, SIGMA_T=sigma is not None, HAS_DELTA=delta is not None, SEEDED=seeded,
-            CHANNELS_LAST=cl, FLAT=tu.is_flat(numel, bd), BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
+            GATHER=timesteps is not None, CHANNELS_LAST=cl, FLAT=tu.is_flat(numel, bd), BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
     return out
 
 

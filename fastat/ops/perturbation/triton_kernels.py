@@ -6,16 +6,19 @@ pgd_step, L2 (normalize=True):
     pass 2 (elementwise): c = step / max(||g||, 1e-8) (c = step if normalize=False),
         ||delta + c g||^2 = ||delta||^2 + 2c<delta,g> + c^2||g||^2  ->  scale = min(1, R / max(||.||, 1e-8)),
         delta' = (delta + c g) * scale; a sample with any non-finite g keeps delta' = delta.
-Linf: pass 1 only counts non-finite g; pass 2 is delta' = clamp(delta + step * sign(g), -R, R).
+Linf: delta' = clamp(delta + step * sign(g), -R, R); only the non-finite policy spans tiles. Over several tiles per
+sample: one pass writes delta' and a non-finite flag per tile ([B, tiles]), then `_pgd_restore_kernel` reads each
+sample's flags and writes delta' = delta back for flagged samples only (no pass over g to count first).
 Optional `model_input_base`: pass 2 also writes base + delta' (the next model input) in the same pass.
 Launches, by elements per sample D (GPU tiles of 4096):
     D <= 4096       one kernel: the tile holds whole samples (flat tiles of whole consecutive samples for D <= 16)
     D <= SWEEP_MAX_D one kernel for batches of SWEEP_MIN_BATCH or more: each program sweeps one sample twice
                     (statistics, then the update); the grid keeps at most SWEEP_L2_BYTES of samples in flight, so
                     the second sweep reads from L2
-    larger          pass 1 on a persistent grid (about two programs per SM), then pass 2
+    larger          L2: pass 1 on a persistent grid (about two programs per SM), then pass 2; Linf: the flagging
+                    pass, then the restore (flags only, unless a gradient is not finite)
 Bytes (N = B*D elements, s = element size): 3 N s (2 N s more with a base) up to SWEEP_MAX_D; beyond, L2 reads
-delta and g twice (5 N s) and Linf reads g twice (4 N s).
+delta and g twice (5 N s), Linf stays at 3 N s (+ 4 bytes of flags per 4096 elements).
 
 random_perturbation: the values from tl.rand/tl.randn at each element's logical index (so they do not depend
 on the memory layout) from the seed held in a device tensor. Box / Linf-normal: one pass. L2 ball (uniform:
@@ -36,6 +39,7 @@ from ..._shapes import empty_output, is_channels_last, promote, work_layout
 from ..noise.reference import noise_layout
 
 N_STATS = 4  # ||g||^2, <delta,g>, ||delta||^2, #non-finite g
+RESTORE_FLAG_BLOCK = 1024  # tile flags a restore program reads per iteration
 
 
 @triton.jit
@@ -112,7 +116,8 @@ def _pgd_update(d, g, gg, dg, dd, bad, step, radius, L2: tl.constexpr, NORMALIZE
 def _pgd_apply_kernel(
     delta, grad, base, out, xout, partials, step_ptr, step_s, rad_ptr, rad_s, B, D, nsplit, n_col_blocks,
     STEP_T: tl.constexpr, RAD_T: tl.constexpr, L2: tl.constexpr, NORMALIZE: tl.constexpr, HAS_BASE: tl.constexpr,
-    FUSED: tl.constexpr, FLAT: tl.constexpr, NSPLIT_P2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    FUSED: tl.constexpr, FLAT: tl.constexpr, FLAG_TILES: tl.constexpr, NSPLIT_P2: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows, cols, mask = tu.tile_index(pid, n_col_blocks, B, D, BLOCK_B, BLOCK_D)
@@ -124,6 +129,12 @@ def _pgd_apply_kernel(
         gg = tl.sum(g * g, axis=1)[:, None]
         dg = tl.sum(d * g, axis=1)[:, None]
         dd = tl.sum(d * d, axis=1)[:, None]
+    elif FLAG_TILES:  # Linf, samples over several tiles: flag this tile's non-finite rows (`partials`: [B, n_col_blocks])
+        bad = tl.sum(tl.where(_nonfinite(g), 1.0, 0.0), axis=1)[:, None]
+        tl.store(partials + rows * n_col_blocks + pid % n_col_blocks, bad, mask=rows < B)
+        gg = bad
+        dg = bad
+        dd = bad
     else:
         gg = _row_total(partials, 0, rows, B, nsplit, NSPLIT_P2)
         dg = _row_total(partials, 1, rows, B, nsplit, NSPLIT_P2)
@@ -142,9 +153,44 @@ tu.register_kernel(
     _pgd_apply_kernel,
     pointers=dict.fromkeys(["delta", "grad", "base", "out", "xout"]) | {"partials": "fp32", "step_ptr": "fp32", "rad_ptr": "fp32"},
     constexprs={"STEP_T": (False, True), "RAD_T": (False, True), "L2": (False, True), "NORMALIZE": (False, True),
-                "HAS_BASE": (False, True), "FUSED": (False, True), "FLAT": (False, True),
+                "HAS_BASE": (False, True), "FUSED": (False, True), "FLAT": (False, True), "FLAG_TILES": (False, True),
                 "NSPLIT_P2": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)},
     scalars={"step_s": "fp32", "rad_s": "fp32"},
+)
+
+
+@triton.jit
+def _pgd_restore_kernel(
+    delta, base, out, xout, flags, B, D, n_flags, chunk, nsplit, HAS_BASE: tl.constexpr, FLAG_BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Linf over samples larger than a tile, after `_pgd_apply_kernel` (FLAG_TILES): a sample with a flagged tile
+    gets delta' = delta (and x' = base + delta) back; program (b, part) copies columns [part * chunk, + chunk) of
+    sample b. A clean sample costs the read of its n_flags flags: delta, base, out and xout are touched only for
+    samples whose gradient is not finite."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // nsplit
+    part = pid % nsplit
+    flagged = tl.zeros((FLAG_BLOCK,), tl.float32)
+    for start in range(0, n_flags, FLAG_BLOCK):
+        idx = start + tl.arange(0, FLAG_BLOCK)
+        flagged += tl.load(flags + row * n_flags + idx, mask=idx < n_flags, other=0.0)
+    if tl.sum(flagged, axis=0) > 0:
+        for start in range(0, chunk, BLOCK_D):
+            cols = part * chunk + start + tl.arange(0, BLOCK_D).to(tl.int64)
+            mask = cols < D
+            d = tl.load(delta + row * D + cols, mask=mask, other=0.0)
+            tl.store(out + row * D + cols, d, mask=mask)
+            if HAS_BASE:
+                x = tl.load(base + row * D + cols, mask=mask, other=0.0).to(tl.float32) + d.to(tl.float32)
+                tl.store(xout + row * D + cols, x.to(xout.dtype.element_ty), mask=mask)
+
+
+tu.register_kernel(
+    _pgd_restore_kernel,
+    pointers=dict.fromkeys(["delta", "base", "out", "xout"]) | {"flags": "fp32"},
+    constexprs={"HAS_BASE": (False, True), "FLAG_BLOCK": (RESTORE_FLAG_BLOCK,)},
+    rare=("delta", "base", "out", "xout"),
 )
 
 
@@ -223,7 +269,10 @@ def pgd_step(delta, grad, base, step_size, radius, step_size_s, radius_s, l2, no
         return out, xout
     nsplit = 1
     partials = delta  # unused by the fused kernel; a real allocation, never a null pointer
-    if not fused:
+    flag_tiles = not fused and not l2
+    if flag_tiles:  # one pass over delta and grad that flags tiles, then a restore that reads only the flags
+        partials = torch.empty((batch, n_col), dtype=torch.float32, device=delta.device)
+    elif not fused:
         rgrid, rbb, rbd, rwarps, nsplit, chunk = tu.reduction_grid(batch, numel, delta.device)
         partials = torch.empty((N_STATS, batch, nsplit), dtype=torch.float32, device=delta.device)
         tu.launch(_pgd_stats_kernel, rgrid, (delta, grad, partials, batch, numel, chunk, nsplit),
@@ -231,8 +280,14 @@ def pgd_step(delta, grad, base, step_size, radius, step_size_s, radius_s, l2, no
     tu.launch(_pgd_apply_kernel, grid, (
         delta, grad, delta if base is None else base, out, out if base is None else xout, partials, *coefs,
         batch, numel, nsplit, n_col,
-    ), dict(flags, FUSED=fused, FLAT=fused and tu.is_flat(numel, bd), NSPLIT_P2=tu.next_pow2(nsplit), BLOCK_B=bb,
-            BLOCK_D=bd, num_warps=warps))
+    ), dict(flags, FUSED=fused, FLAT=fused and tu.is_flat(numel, bd), FLAG_TILES=flag_tiles,
+            NSPLIT_P2=tu.next_pow2(nsplit), BLOCK_B=bb, BLOCK_D=bd, num_warps=warps))
+    if flag_tiles:
+        parts = tu.split(batch, numel, 1, bd, delta.device)
+        tu.launch(_pgd_restore_kernel, (batch * parts,), (
+            delta, delta if base is None else base, out, out if base is None else xout, partials, batch, numel, n_col,
+            tu.chunk(numel, bd, parts), parts,
+        ), dict(HAS_BASE=base is not None, FLAG_BLOCK=RESTORE_FLAG_BLOCK, BLOCK_D=bd, num_warps=warps))
     return out, xout
 
 
