@@ -404,3 +404,15 @@ def test_torch_compile_sees_the_one_operator_whatever_the_kernel(choice):
     else:
         assert fastat_ops == {"fastat.noisy_input.default", "fastat.residual_loss.default"}, targets
     torch._dynamo.reset()
+
+
+def test_loss_refusal_names_the_public_functions():
+    pred = torch.randn(4, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    sigma = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    with fastat.use_backend("cpp"):
+        if not _backend.is_built("cpp"):
+            pytest.skip("cpp extension not built")
+        with pytest.raises(BackendUnavailableError, match=r"fastat.residual_loss \(equivariant_mse, "
+                                                          r"equivariance_regularizer, consistency_distance\): backend "
+                                                          r"'cpp' cannot run this call: .*tensor-valued sigma"):
+            fastat.equivariant_mse(pred, torch.randn_like(pred), torch.randn_like(pred), sigma, "delta")

@@ -131,4 +131,5 @@ RESIDUAL_LOSS = OpDef(
     key=lambda a, b, c, *rest: (device_type(a), residual_dtype(a, b, c), per_sample_numel(a)),
     function=ResidualLossFunction,
     backward=RESIDUAL_LOSS_BACKWARD,
+    public_name="residual_loss (equivariant_mse, equivariance_regularizer, consistency_distance)",
 )
