@@ -103,7 +103,7 @@ class GaussianMixture:
         u = self.basis.to(x.device)
         return x - (x @ u) @ u.T
 
-    def projected_quantiles(self, directions: torch.Tensor, levels: torch.Tensor, grid: int = 16384) -> torch.Tensor:
+    def projected_quantiles(self, directions: torch.Tensor, levels: torch.Tensor, grid: int = 8192) -> torch.Tensor:
         """Quantiles [L, P] of <theta_j, x>, x ~ p_0, at `levels` [L] in (0, 1), one column per unit direction
         theta_j (columns of `directions` [D, P]). Each projection is a 1-D mixture with means <theta, mu_k> and
         variances s_k^2 |P theta|^2 + tau_k^2 |(I - P) theta|^2; its CDF is tabulated on `grid` points spanning
