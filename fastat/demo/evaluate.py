@@ -5,7 +5,8 @@ starting noise x_T, the SW2 projection directions and an independent clean refer
 
     denoiser_error.{clean,random,pgd}: mean over (x0, t) of mean_flat((eps_theta(x) - eps*(x))^2) at
         x = x_t, x_t + random delta (||delta|| = R) and x_t + PGD delta (5 steps), R = radius * sqrt(D)
-    samples.swd: sliced W2 of `n_swd` DDIM (`sample_steps` steps) samples to the clean distribution itself:
+    samples.swd: sliced W2 of `n_swd` DDIM (`sample_steps` steps) samples from quasi-random x_T (scrambled
+        Sobol points, qmc_normal) to the clean distribution itself:
         sqrt(mean_j mean_i (sorted <theta_j, x>_i - Q_j((i + 0.5) / n))^2), Q_j the exact quantile function of
         the clean mixture projected on theta_j (closed form, no reference-sample noise); the same `projections`
         directions and the same x_T for every row (common random numbers)
@@ -70,10 +71,19 @@ class EvalSet:
         return float((proj - self._quantiles[n]).pow(2).mean().sqrt())
 
 
+def qmc_normal(n: int, dim: int, seed: int) -> torch.Tensor:
+    """n quasi-random N(0, I_dim) points [n, dim] (float32): Phi^-1 of a scrambled Sobol sequence. The sampler's
+    starting noise: a deterministic sampler maps it to samples whose empirical distribution is far closer to the
+    model's distribution than n i.i.d. draws would be, so SW2 measures the model rather than sampling noise."""
+    u = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed).draw(n, dtype=torch.float64)
+    return torch.special.ndtri(u.clamp(1e-9, 1 - 1e-9)).to(torch.float32)
+
+
 def make_eval_set(mixture: GaussianMixture, alphas_cumprod, n_eval: int, n_samples: int, seed: int,
                   device, few_steps: Sequence[int], n_swd: int = 0, projections: int = 256) -> EvalSet:
-    """Fixed draws for one seed: x_T has max(n_swd, n_samples) rows (the 50-step samples, scored by SW2 on all of
-    them); the first n_samples serve the few-step samplers, the reference set and the other sample metrics."""
+    """Fixed draws for one seed: x_T (quasi-random, qmc_normal) has max(n_swd, n_samples) rows (the 50-step
+    samples, scored by SW2 on all of them); the first n_samples serve the few-step samplers and the other sample
+    metrics; the clean reference set has n_samples points."""
     if projections < 1:
         raise ValueError(f"projections must be >= 1, got {projections}")
     g = torch.Generator().manual_seed(seed + 1000)
@@ -82,7 +92,7 @@ def make_eval_set(mixture: GaussianMixture, alphas_cumprod, n_eval: int, n_sampl
     # Stratified timesteps: every method sees the same, evenly covered set of t.
     timesteps = (torch.arange(n_eval) * num_t // n_eval).to(device)
     noise = torch.randn(n_eval, mixture.dim, generator=g).to(device)
-    x_T = torch.randn(max(n_swd, n_samples), mixture.dim, generator=g).to(device)
+    x_T = qmc_normal(max(n_swd, n_samples), mixture.dim, seed + 1000).to(device)
     reference = mixture.sample(n_samples, g).to(device)
     theta = torch.randn(mixture.dim, projections, dtype=torch.float64, generator=g)
     es = EvalSet(mixture, alphas_cumprod, x0, timesteps, noise, x_T, reference, seed, n_samples,
@@ -161,7 +171,8 @@ def _leaves(d):
 
 
 def data_floor(es: EvalSet, w2_points: int, mmd_points: int) -> Dict[str, float]:
-    """The finite-sample floor: the metrics of a clean sample of the models' sample size (x_T's rows) in place
-    of the samples (SW2 to the clean distribution; MMD and W2 between two independent clean sets)."""
+    """The finite-sample floor of i.i.d. clean samples of the models' sample size (x_T's rows) in place of the
+    samples: SW2 to the clean distribution, MMD and W2 between two independent clean sets. The models' and exact
+    denoisers' SW2 can lie below its SW2: their samples come from quasi-random x_T."""
     other = es.mixture.sample(es.x_T.shape[0], es.generator(30)).to(es.reference.device)
     return sample_metrics(other, es, w2_points, mmd_points)

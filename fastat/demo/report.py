@@ -35,7 +35,8 @@ COLUMNS = _columns(
 LEGEND = (
     "err_*: mean ||eps_theta - eps*||^2/D vs the clean data's exact denoiser at x_t (clean), x_t + random delta, "
     "x_t + PGD-5 delta (||delta|| = R); SW2: sliced W2 of 10000 50-step DDIM samples (--quick: 200, 20 steps) to the "
-    "clean distribution (its exact projected quantiles; 256 directions and the sampler's noise shared by every row); "
+    "clean distribution (its exact projected quantiles; 256 directions and the sampler's quasi-random noise shared "
+    "by every row); "
     "MMD/W2: the first 1000/600 samples vs clean data; off_rms: RMS "
     "norm of the samples off the data's plane (embedded settings); SW2@N: N-step DDIM, 2000 samples; traj@10: RMS distance to the "
     "exact denoiser's 10-step DDIM sample from the same noise; attack: final-sample RMS deviation after a PGD attack "
