@@ -66,6 +66,49 @@ def test_noisy_mixture_matches_the_corrupted_samples_second_moments():
         GaussianMixture(torch.zeros(2, 3), 1.0, 1.0, off_stds=0.1)
 
 
+@pytest.mark.parametrize("dim", [2, 16])
+def test_projected_quantiles_match_the_normal_quantiles_and_a_large_sample(dim):
+    # One component: <theta, x> ~ N(<theta, mu>, s^2 |P theta|^2), quantiles known in closed form.
+    single = GaussianMixture(torch.tensor([[0.7, -0.2]]), torch.tensor([0.3]), torch.tensor([1.0]))
+    theta = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    theta = theta / theta.norm(dim=0)
+    levels = torch.tensor([0.001, 0.1, 0.5, 0.9, 0.999], dtype=torch.float64)
+    z = torch.distributions.Normal(0.0, 1.0).icdf(levels)[:, None]
+    expected = single.means @ theta + 0.3 * z
+    torch.testing.assert_close(single.projected_quantiles(theta, levels), expected, atol=2e-4, rtol=0)
+    # The ring (2-D or embedded): empirical quantiles of 200000 draws agree with the tabulated ones.
+    mix = ring_mixture(dim=dim)
+    theta = torch.randn(dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    theta = theta / theta.norm(dim=0)
+    x = mix.sample(200000, torch.Generator().manual_seed(2), dtype=torch.float64)
+    levels = torch.tensor([0.05, 0.3, 0.5, 0.7, 0.95], dtype=torch.float64)
+    empirical = torch.quantile(x @ theta, levels, dim=0)
+    torch.testing.assert_close(mix.projected_quantiles(theta, levels), empirical, atol=0.02, rtol=0)
+    with pytest.raises(ValueError, match="levels"):
+        mix.projected_quantiles(theta, torch.tensor([0.0, 0.5]))
+    with pytest.raises(ValueError, match="directions"):
+        mix.projected_quantiles(theta[:1], levels)
+
+
+def test_demo_sw2_is_deterministic_shrinks_with_samples_and_sees_a_shift():
+    from fastat.demo.evaluate import make_eval_set
+
+    mix = ring_mixture()
+    ab = ddpm_linear_alphas_cumprod(1000)
+    es = make_eval_set(mix, ab, n_eval=10, n_samples=100, seed=0, device="cpu", few_steps=(), n_swd=100, projections=64)
+    again = make_eval_set(mix, ab, n_eval=10, n_samples=100, seed=0, device="cpu", few_steps=(), n_swd=100,
+                          projections=64)
+    torch.testing.assert_close(es.projections, again.projections, rtol=0, atol=0)
+    x = mix.sample(20000, torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert es.swd(x) == again.swd(x)
+    # Sampling noise only: a clean sample's SW2 to the exact distribution falls as n grows (no reference noise).
+    small = [es.swd(mix.sample(1000, torch.Generator().manual_seed(k), dtype=torch.float64)) for k in range(3)]
+    assert es.swd(x) < 0.5 * min(small)
+    # A translation by m adds about ||m|| / sqrt(D) (SW2 of y = x + m).
+    shifted = es.swd(x + torch.tensor([0.3, 0.0], dtype=torch.float64))
+    assert shifted == pytest.approx(0.3 / math.sqrt(2), rel=0.1)
+
+
 def test_mlp_denoiser_shapes_and_embedding():
     emb = sinusoidal_embedding(torch.tensor([0, 5, 999]), 7)
     assert emb.shape == (3, 7) and torch.equal(emb[0, :3], torch.ones(3))

@@ -1,13 +1,18 @@
 """Evaluation of one demo denoiser against the clean mixture, with fastat.eval.
 
 Every model is evaluated on the same fixed draws (EvalSet): clean x0, timesteps, noise, the sampler's
-starting noise x_T and an independent clean reference set. Metrics:
+starting noise x_T, the SW2 projection directions and an independent clean reference set. Metrics:
 
     denoiser_error.{clean,random,pgd}: mean over (x0, t) of mean_flat((eps_theta(x) - eps*(x))^2) at
         x = x_t, x_t + random delta (||delta|| = R) and x_t + PGD delta (5 steps), R = radius * sqrt(D)
-    samples.{swd,mmd,w2}: DDIM (`sample_steps` steps) samples vs the clean reference set (MMD and exact W2
-        on the first mmd_points / w2_points: their cost grows as n^2 and n^3)
-    few_step[N].{swd,traj_err}: SW2 of N-step DDIM samples, and traj_err = mean per-sample RMS distance
+    samples.swd: sliced W2 of `n_swd` DDIM (`sample_steps` steps) samples from quasi-random x_T (scrambled
+        Sobol points, qmc_normal) to the clean distribution itself:
+        sqrt(mean_j mean_i (sorted <theta_j, x>_i - Q_j((i + 0.5) / n))^2), Q_j the exact quantile function of
+        the clean mixture projected on theta_j (closed form, no reference-sample noise); the same `projections`
+        directions and the same x_T for every row (common random numbers)
+    samples.{mmd,w2}: the first mmd_points / w2_points samples vs the clean reference set (their cost grows as
+        n^2 and n^3)
+    few_step[N].{swd,traj_err}: SW2 (as above) of N-step DDIM samples from the first n_samples x_T, and traj_err = mean per-sample RMS distance
         to the exact denoiser's N-step DDIM sample from the same x_T (model error only, no discretisation error)
     sampler_attack: mean final-sample RMS deviation when x_t is attacked (PGD, radius R) at the middle
         step of a 10-step DDIM trajectory
@@ -28,7 +33,6 @@ from ..eval import (
     memorization_score,
     mmd,
     sampler_attack,
-    sliced_wasserstein,
     wasserstein2,
 )
 from .mixture import ExactDenoiser, GaussianMixture
@@ -47,27 +51,55 @@ class EvalSet:
     x_T: torch.Tensor
     reference: torch.Tensor
     seed: int
+    n_samples: int = 0
+    projections: torch.Tensor = None
     exact: ExactDenoiser = None
     exact_few: Dict[int, torch.Tensor] = field(default_factory=dict)
+    _quantiles: Dict[int, torch.Tensor] = field(default_factory=dict)
 
     def generator(self, offset: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)
 
+    def swd(self, samples: torch.Tensor) -> float:
+        """Sliced W2 of samples [n, D] to the clean mixture (module docstring), exact quantiles cached per n."""
+        n = samples.shape[0]
+        if n not in self._quantiles:
+            levels = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+            self._quantiles[n] = self.mixture.projected_quantiles(self.projections, levels).to(samples.device)
+        theta = self.projections.to(samples.device)
+        proj = (samples.reshape(n, -1).to(torch.float64) @ theta).sort(dim=0).values
+        return float((proj - self._quantiles[n]).pow(2).mean().sqrt())
+
+
+def qmc_normal(n: int, dim: int, seed: int) -> torch.Tensor:
+    """n quasi-random N(0, I_dim) points [n, dim] (float32): Phi^-1 of a scrambled Sobol sequence. The sampler's
+    starting noise: a deterministic sampler maps it to samples whose empirical distribution is far closer to the
+    model's distribution than n i.i.d. draws would be, so SW2 measures the model rather than sampling noise."""
+    u = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed).draw(n, dtype=torch.float64)
+    return torch.special.ndtri(u.clamp(1e-9, 1 - 1e-9)).to(torch.float32)
+
 
 def make_eval_set(mixture: GaussianMixture, alphas_cumprod, n_eval: int, n_samples: int, seed: int,
-                  device, few_steps: Sequence[int]) -> EvalSet:
+                  device, few_steps: Sequence[int], n_swd: int = 0, projections: int = 256) -> EvalSet:
+    """Fixed draws for one seed: x_T (quasi-random, qmc_normal) has max(n_swd, n_samples) rows (the 50-step
+    samples, scored by SW2 on all of them); the first n_samples serve the few-step samplers and the other sample
+    metrics; the clean reference set has n_samples points."""
+    if projections < 1:
+        raise ValueError(f"projections must be >= 1, got {projections}")
     g = torch.Generator().manual_seed(seed + 1000)
     num_t = alphas_cumprod.numel()
     x0 = mixture.sample(n_eval, g).to(device)
     # Stratified timesteps: every method sees the same, evenly covered set of t.
     timesteps = (torch.arange(n_eval) * num_t // n_eval).to(device)
     noise = torch.randn(n_eval, mixture.dim, generator=g).to(device)
-    x_T = torch.randn(n_samples, mixture.dim, generator=g).to(device)
+    x_T = qmc_normal(max(n_swd, n_samples), mixture.dim, seed + 1000).to(device)
     reference = mixture.sample(n_samples, g).to(device)
-    es = EvalSet(mixture, alphas_cumprod, x0, timesteps, noise, x_T, reference, seed)
+    theta = torch.randn(mixture.dim, projections, dtype=torch.float64, generator=g)
+    es = EvalSet(mixture, alphas_cumprod, x0, timesteps, noise, x_T, reference, seed, n_samples,
+                 theta / theta.norm(dim=0, keepdim=True))
     es.exact = ExactDenoiser(mixture, alphas_cumprod).to(device)
     for n in few_steps:
-        es.exact_few[n] = ddim_sample(es.exact, x_T, alphas_cumprod, n)
+        es.exact_few[n] = ddim_sample(es.exact, x_T[:n_samples], alphas_cumprod, n)
     return es
 
 
@@ -76,11 +108,11 @@ def _binned(values: torch.Tensor, timesteps: torch.Tensor, num_t: int):
     return [float(values[bins == b].mean()) if (bins == b).any() else float("nan") for b in range(T_BINS)]
 
 
-def sample_metrics(samples: torch.Tensor, reference: torch.Tensor, seed: int, w2_points: int,
-                   mmd_points: int = 0) -> Dict[str, float]:
-    """SW2 on all points; MMD on the first `mmd_points` (O(n^2)); exact W2 on the first `w2_points` (O(n^3));
-    a count of 0 leaves that metric out."""
-    out = {"swd": sliced_wasserstein(samples, reference, 256, generator=torch.Generator().manual_seed(seed))}
+def sample_metrics(samples: torch.Tensor, es: EvalSet, w2_points: int, mmd_points: int = 0) -> Dict[str, float]:
+    """SW2 to the clean distribution on all points; MMD to the reference set on the first `mmd_points` (O(n^2));
+    exact W2 on the first `w2_points` (O(n^3)); a count of 0 leaves that metric out."""
+    reference = es.reference
+    out = {"swd": es.swd(samples)}
     if mmd_points:
         out["mmd"] = mmd(samples[:mmd_points], reference[:mmd_points], bandwidth=MMD_BANDWIDTHS)
     n = min(w2_points, samples.shape[0], reference.shape[0])
@@ -107,12 +139,12 @@ def evaluate_model(model, es: EvalSet, *, radius: float, pgd_steps: int = 5, few
         "denoiser_error": {k: float(v.mean()) for k, v in errs.items()},
         "denoiser_error_by_t": {"bins": T_BINS, "clean": _binned(errs["clean"], es.timesteps, num_t),
                                 "pgd": _binned(errs["pgd"], es.timesteps, num_t)},
-        "samples": sample_metrics(samples, es.reference, es.seed, w2_points, mmd_points),
+        "samples": sample_metrics(samples, es, w2_points, mmd_points),
         "few_step": {},
     }
     for n in few_steps:
-        s = ddim_sample(model, es.x_T, ab, n)
-        m = sample_metrics(s, es.reference, es.seed, 0)
+        s = ddim_sample(model, es.x_T[:es.n_samples], ab, n)
+        m = sample_metrics(s, es, 0)
         m["traj_err"] = float(((s - es.exact_few[n]) ** 2).mean(dim=1).sqrt().mean())
         result["few_step"][str(n)] = m
     k = min(attack_points, es.x_T.shape[0])
@@ -122,7 +154,7 @@ def evaluate_model(model, es: EvalSet, *, radius: float, pgd_steps: int = 5, few
     if es.mixture.basis is not None:
         result["samples"]["off_rms"] = float(es.mixture.off_subspace(samples).pow(2).sum(1).mean().sqrt())
     if train is not None:
-        result["memorization"] = memorization_score(samples, train)
+        result["memorization"] = memorization_score(samples[:es.n_samples], train)
     result["finite"] = all(torch.isfinite(torch.as_tensor(v)).all() for v in _leaves(result))
     result["_samples"] = samples
     return result
@@ -139,6 +171,8 @@ def _leaves(d):
 
 
 def data_floor(es: EvalSet, w2_points: int, mmd_points: int) -> Dict[str, float]:
-    """The metrics between two independent clean sets of the same size: the finite-sample floor."""
-    other = es.mixture.sample(es.reference.shape[0], es.generator(30)).to(es.reference.device)
-    return sample_metrics(other, es.reference, es.seed, w2_points, mmd_points)
+    """The finite-sample floor of i.i.d. clean samples of the models' sample size (x_T's rows) in place of the
+    samples: SW2 to the clean distribution, MMD and W2 between two independent clean sets. The models' and exact
+    denoisers' SW2 can lie below its SW2: their samples come from quasi-random x_T."""
+    other = es.mixture.sample(es.x_T.shape[0], es.generator(30)).to(es.reference.device)
+    return sample_metrics(other, es, w2_points, mmd_points)

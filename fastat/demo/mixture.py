@@ -103,6 +103,34 @@ class GaussianMixture:
         u = self.basis.to(x.device)
         return x - (x @ u) @ u.T
 
+    def projected_quantiles(self, directions: torch.Tensor, levels: torch.Tensor, grid: int = 8192) -> torch.Tensor:
+        """Quantiles [L, P] of <theta_j, x>, x ~ p_0, at `levels` [L] in (0, 1), one column per unit direction
+        theta_j (columns of `directions` [D, P]). Each projection is a 1-D mixture with means <theta, mu_k> and
+        variances s_k^2 |P theta|^2 + tau_k^2 |(I - P) theta|^2; its CDF is tabulated on `grid` points spanning
+        every component +-9 sd and inverted by linear interpolation (float64)."""
+        theta = directions.to(torch.float64).cpu()
+        if theta.ndim != 2 or theta.shape[0] != self.dim:
+            raise ValueError(f"directions must be [{self.dim}, P], got {tuple(theta.shape)}")
+        levels = levels.to(torch.float64).cpu()
+        if levels.ndim != 1 or not ((levels > 0) & (levels < 1)).all():
+            raise ValueError("levels must be a 1-D tensor of probabilities in (0, 1)")
+        mu = self.means @ theta  # [K, P]
+        if self.basis is None:
+            var = self.stds[:, None] ** 2 * (theta * theta).sum(0)
+        else:
+            inside = (self.basis.T @ theta).pow(2).sum(0)
+            var = self.stds[:, None] ** 2 * inside + self.off_stds[:, None] ** 2 * ((theta * theta).sum(0) - inside)
+        sd = var.clamp_min(1e-24).sqrt()
+        lo, hi = (mu - 9 * sd).min(0).values, (mu + 9 * sd).max(0).values
+        x = (lo + (hi - lo) * torch.linspace(0, 1, grid, dtype=torch.float64)[:, None]).T.contiguous()  # [P, G]
+        z = (x[None] - mu[:, :, None]) / (sd[:, :, None] * math.sqrt(2.0))  # [K, P, G]
+        cdf = (self.weights[:, None, None] * 0.5 * (1 + torch.erf(z))).sum(0)  # [P, G], nondecreasing
+        u = levels[None].expand(theta.shape[1], -1).contiguous()  # [P, L]
+        j = torch.searchsorted(cdf, u).clamp(1, grid - 1)
+        f0, f1, x0, x1 = cdf.gather(1, j - 1), cdf.gather(1, j), x.gather(1, j - 1), x.gather(1, j)
+        frac = ((u - f0) / (f1 - f0).clamp_min(1e-300)).clamp(0, 1)
+        return (x0 + (x1 - x0) * frac).T.contiguous()
+
     def _components(self, x: torch.Tensor, alpha: Coef, sigma: Coef):
         """(log of w_k N(x; a mu_k, Sigma_k(t))) [B, K] and Sigma_k(t)^-1 (x - a mu_k) [B, K, D]."""
         x = x.to(torch.float64)
