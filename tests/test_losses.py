@@ -327,5 +327,28 @@ def test_fused_loss_is_differentiable_once(backend):
         (g,) = torch.autograd.grad(loss, pred, create_graph=True)
     torch.testing.assert_close(g, 2 * 2.0 * (pred - noise).detach() / 48)
     assert g.requires_grad
-    with pytest.raises(RuntimeError, match="differentiate twice"):
+    with pytest.raises(RuntimeError, match="differentiable once"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_second_derivative_through_fused_loss_raises_not_silently_drops(backend):
+    """A gradient penalty through the loss (create_graph=True with an upstream gradient that has no graph): the
+    loss's own second-order term cannot be formed by the kernels, so differentiating again raises."""
+    if backend == "cpp" and not fastat.backend_status("cpp")[0]:
+        pytest.skip("cpp extension unavailable")
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(48, 48, generator=gen, requires_grad=True)
+    x = torch.randn(4, 48, generator=gen)
+    noise = torch.randn(4, 48, generator=gen)
+    with fastat.use_backend(backend):
+        pred = x @ weight
+        (g,) = torch.autograd.grad(fastat.equivariant_mse(pred, noise, None, 1.0, "original"), pred, create_graph=True)
+    torch.testing.assert_close(g, 2 * (pred - noise).detach() / pred.numel())
+    with pytest.raises(RuntimeError, match="differentiable once.*use_backend\\('torch'\\)"):
+        (g ** 2).sum().backward()
+    with fastat.use_backend("torch"):  # the reference's second derivative exists
+        pred = x @ weight
+        (g,) = torch.autograd.grad(fastat.equivariant_mse(pred, noise, None, 1.0, "original"), pred, create_graph=True)
+    (g ** 2).sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0

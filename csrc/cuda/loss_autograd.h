@@ -29,8 +29,9 @@ using BackwardKernel = LossOut (*)(const at::Tensor&, const at::Tensor&, const a
                                    int64_t, double, int64_t, std::optional<at::ScalarType>,
                                    std::optional<at::ScalarType>, std::optional<at::ScalarType>);
 
-// As torch.autograd.function.once_differentiable: with create_graph=True the gradients come back differentiable
-// only to raise when differentiated again.
+// With create_graph=True the gradients come back differentiable only to raise when differentiated again (unlike
+// torch's once_differentiable, also when the incoming gradient has no graph: a second derivative through the
+// loss, e.g. a gradient penalty, must raise rather than silently lose the loss's own second-order term).
 inline torch::autograd::variable_list once_differentiable(torch::autograd::variable_list&& grads) {
   torch::autograd::variable_list fakes;
   fakes.reserve(grads.size());
@@ -43,7 +44,8 @@ inline torch::autograd::variable_list once_differentiable(torch::autograd::varia
     fakes.push_back(std::move(fake));
   }
   torch::autograd::DelayedError error(
-      "trying to differentiate twice a function that was marked with @once_differentiable (fastat::residual_loss)",
+      "fastat: the fused losses (equivariant_mse, equivariance_regularizer, consistency_distance) are differentiable "
+      "once; a second derivative through them needs the reference: fastat.use_backend('torch')",
       static_cast<int64_t>(fakes.size()));
   return error.apply(std::move(fakes));
 }
@@ -80,7 +82,7 @@ struct ResidualLossBackward final : torch::autograd::Node {
     for (size_t i = 0; i < 3; ++i) {
       if (!wanted[i].has_value()) out[i] = at::Tensor();
     }
-    if (torch::autograd::GradMode::is_enabled() && grad_loss.requires_grad()) return once_differentiable(std::move(out));
+    if (torch::autograd::GradMode::is_enabled()) return once_differentiable(std::move(out));
     return out;
   }
 

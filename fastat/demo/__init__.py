@@ -10,7 +10,7 @@ Settings (training data; every model is scored against the *clean* distribution)
                 data's plane, the setting of P2's low-dimensional tests (the 2-D "noisy" only widens the clusters)
 
 Default run (fits 2 minutes on a 2-core CPU): `clean` with standard training and P1 as fine-tuning of the
-converged standard model (Free-AT at the official ||delta||/||eps|| ratio, against the replay control with
+trained standard model (Free-AT at the official ||delta||/||eps|| ratio, against the replay control with
 delta = 0), and `noisy16` with standard training and P2 adversarial. `--methods` runs the given
 methods in every chosen setting (fastat.demo.train lists them). Reference rows: `exact` (the clean distribution's
 exact denoiser) and, for the noisy settings, `oracle_corrupted` (the exact denoiser of the corrupted training

@@ -1,7 +1,7 @@
 """Training of the demo denoisers: one small MLP per (data setting, method), all through fastat's training API.
 
 Methods (names used by `fastat demo --methods`). "scratch" methods train from a fresh initialisation;
-"finetune" methods start from the same setting's converged standard model (its EMA weights), as P1 does:
+"finetune" methods start from the same setting's trained standard model (its EMA weights), as P1 does:
 
     standard        plain DDPM loss                                   diffusion_adv_loss(method="standard")
     ddpm_ip         DDPM-IP input perturbation, gamma = eps           diffusion_adv_loss(method="input_perturbation")

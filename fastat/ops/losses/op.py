@@ -55,8 +55,8 @@ class ResidualLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_sample, _grad_residual):
-        if _grad_enabled():  # create_graph=True: differentiable once, as @once_differentiable makes it
-            return _backward_once(ctx, grad_loss, _grad_per_sample, _grad_residual)
+        if _grad_enabled():  # create_graph=True: differentiable once
+            return _raise_when_differentiated(_backward(ctx, grad_loss))
         return _backward(ctx, grad_loss)
 
 
@@ -77,7 +77,19 @@ def _backward(ctx, grad_loss, *_unused):
 
 
 _grad_enabled = torch.is_grad_enabled
-_backward_once = torch.autograd.function.once_differentiable(_backward)
+TWICE = ("fastat: the fused losses (equivariant_mse, equivariance_regularizer, consistency_distance) are differentiable "
+         "once; a second derivative through them needs the reference: fastat.use_backend('torch')")
+
+
+def _raise_when_differentiated(grads):
+    """The gradients, differentiable only to raise when differentiated again. Unlike @once_differentiable also when
+    the incoming gradient has no graph: a gradient penalty through the loss must fail, not lose its second-order term."""
+    tensors = [g for g in grads if isinstance(g, torch.Tensor)]
+    if not tensors:
+        return grads
+    fakes = torch._C._functions.DelayedError(TWICE, len(tensors))(*[g.detach().requires_grad_() for g in tensors])
+    fakes = iter((fakes,) if isinstance(fakes, torch.Tensor) else fakes)
+    return tuple(next(fakes) if isinstance(g, torch.Tensor) else g for g in grads)
 
 
 def _fake(a, b, c, sigma, weight, sigma_s, weight_s, metric, huber_c, reduction, seed, offset, save_residual):
