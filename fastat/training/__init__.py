@@ -1,4 +1,4 @@
-"""Drop-in adversarial training loops for diffusion and consistency models (SPEC §5).
+"""Drop-in adversarial training loops for diffusion and consistency models (docs/maths.md §5).
 
 Passes per optimizer step (F = forward of B samples; Bi = input-only backward; Bw = backward forming
 weight gradients). The standard DDPM step is 1 F + 1 Bw (~3F of work: a full backward costs ~2F).

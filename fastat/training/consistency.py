@@ -1,5 +1,5 @@
 """`consistency_adv_loss`: consistency training (CT) and distillation (CD) with the P1 perturbation on
-the student input (SPEC §1, consistency models; the exact adversarial CM loss is *open*: this is the
+the student input (docs/maths.md §1, consistency models; the exact adversarial CM loss is *open*: this is the
 placement from the paper's text).
 
     loss_i = lambda(sigma_n) * d( f_theta(x_{n+1} + delta, sigma_{n+1}),  stop_grad(f_target(xhat_n, sigma_n)) )

@@ -1,5 +1,5 @@
 """`diffusion_adv_loss`: a drop-in replacement for the loss call of a DDPM-style training loop that
-adds P1 (DRO-equivalent AT), P2 (equivariant AT) or a classic AT method (SPEC §1-3).
+adds P1 (DRO-equivalent AT), P2 (equivariant AT) or a classic AT method (docs/maths.md §1-3).
 
 Passes per optimizer step for each method: the cost table in ``fastat.training`` (package docstring).
 
@@ -55,7 +55,7 @@ METHODS = ("pgd", "fgsm_rs", "input_perturbation", "equivariant_random", "equiva
 P2_METHODS = ("equivariant_random", "equivariant_adversarial")
 EPS_MODES = ("rms", "abs")
 
-# P2 defaults (SPEC §2): lambda = 0.3, r(t) = max(r_min, eps * sigma_t^rho), rho = 2, r_min = 8/255,
+# P2 defaults (docs/maths.md §2): lambda = 0.3, r(t) = max(r_min, eps * sigma_t^rho), rho = 2, r_min = 8/255,
 # lambda_t = lambda * sqrt(3) / (beta * r(t)), FGSM step 1.25 * r(t).
 P2_LAMBDA = 0.3
 P2_BETA = 1.0

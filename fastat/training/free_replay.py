@@ -1,4 +1,4 @@
-"""`FreeReplay`: Free-AT minibatch replay (SPEC §1, P1's "fast" loop) and its P2 and CM variants.
+"""`FreeReplay`: Free-AT minibatch replay (docs/maths.md §1, P1's "fast" loop) and its P2 and CM variants.
 
 One call of ``.step(x0)`` runs K replays of the same batch (same x0, noise and timesteps; x_t formed once):
 
@@ -23,7 +23,7 @@ Gradient accumulation: ``grad_accum_steps=M`` splits x0 into M micro-batches, ea
 perturbation; under DDP the first M-1 backwards run under ``no_sync``. Each micro-batch loss is divided by M,
 so the gradient is that of the whole batch's mean (guided-diffusion / AT_Diff's ``microbatch`` loop sums the
 micro-batch means instead: M times larger gradients, the same perturbation steps up to the 1e-8 norm floor).
-The returned perturbation is the one after the K-th update (SPEC's loop); AT_Diff's loop stops before that
+The returned perturbation is the one after the K-th update (docs/maths.md §5); AT_Diff's loop stops before that
 update, so its last delta (and its logged delta_norm) is the one replay K trained on. ``weights`` (per-sample loss
 weights, e.g. importance sampling) multiply each sample's loss: the replayed loss is mean_i(w_i * loss_i).
 """
