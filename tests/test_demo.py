@@ -12,7 +12,7 @@ from fastat.demo import plan, run_demo
 from fastat.demo.mixture import GaussianMixture, corrupt, noisy_mixture, ring_mixture
 from fastat.demo.models import MLPDenoiser, sinusoidal_embedding
 from fastat.demo.report import summarize_runs
-from fastat.demo.train import EMA, METHODS, TrainConfig, train_method
+from fastat.demo.train import EMA, METHODS, TrainConfig, make_model, train_method
 from fastat.schedules import ddpm_linear_alphas_cumprod
 
 
@@ -118,6 +118,29 @@ def test_mlp_denoiser_shapes_and_embedding():
     assert model(torch.randn(4, 2), torch.tensor([3])).shape == (4, 2)
 
 
+def test_v_parameterised_mlp_returns_eps_from_v():
+    """With alphas_cumprod the network's output F is v = a eps - s x0 and the model returns a F + s x_t = eps."""
+    ab = ddpm_linear_alphas_cumprod(1000)
+    model = MLPDenoiser(dim=3, hidden=8, depth=1, alphas_cumprod=ab)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g)
+    t = torch.tensor([0, 1, 250, 500, 900, 999])
+    a, s = ab[t].double().sqrt()[:, None].float(), (1 - ab[t].double()).sqrt()[:, None].float()
+    x_t = a * x0 + s * eps
+    v = a * eps - s * x0
+
+    class TrueV(torch.nn.Module):
+        def forward(self, h):  # h = concat(x_t, emb): answer the v that matches each row of x_t
+            return v
+    model.net = TrueV()
+    torch.testing.assert_close(model(x_t, t), eps, rtol=1e-5, atol=1e-5)
+    assert not any(k in model.state_dict() for k in ("signal", "noise"))  # derived from the schedule, not saved
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        MLPDenoiser(alphas_cumprod=torch.tensor([0.5, 0.0]))
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        make_model(TrainConfig(hidden=4, depth=1), 2, "cpu")
+
+
 def test_plan_defaults_control_and_errors():
     assert plan(None, None) == {"clean": ["standard", "ft_replay", "ft_p1_free"],
                                 "noisy16": ["standard", "p2_adversarial"]}
@@ -182,7 +205,8 @@ def test_demo_quick_default_plan_writes_files_with_finite_numbers(tmp_path, caps
             assert ("off_rms" in row["samples"]) == (setting == "noisy16")
             if method in METHODS:
                 assert row["time"]["ms_per_step"] > 0
-                assert row["train"]["optimizer_steps"] >= (30 if method.startswith("ft_") else 60)
+                assert row["train"]["optimizer_steps"] >= (30 if method.startswith("ft_") else data["scratch_steps"][setting])
+    assert data["scratch_steps"] == {"clean": 60, "noisy16": 24}  # 16-D settings: step_scale 0.4
     assert data["results"]["noisy16"]["exact"]["samples"]["off_rms"] < 1e-3
     claims = data["claims"]
     assert {"P1 clean ft_p1_free vs ft_replay: few-step SW2 and traj lower",

@@ -50,11 +50,12 @@ CONTROL = "ft_replay"
 
 @dataclass
 class TrainConfig:
-    steps: int = 4000          # optimizer steps per scratch model
-    batch: int = 256
+    steps: int = 6000          # optimizer steps per scratch model (settings may scale it: SETTINGS' step_scale)
+    batch: int = 1024
     lr: float = 3e-3           # Adam, cosine decay to 2% over `steps`
-    hidden: int = 192
+    hidden: int = 128
     depth: int = 3
+    parameterization: str = "v"  # "v": the MLP's output is read as v (MLPDenoiser); "eps": as eps
     ema: float = 0.998         # EMA decay of the evaluated weights (warm-up: min(ema, (1 + k) / (10 + k)))
     eps: float = 0.1           # P1: L2 radius r (rms: R = r sqrt(D)); DDPM-IP: gamma
     p1_alpha: float = 0.1      # P1: official L2 step
@@ -93,9 +94,16 @@ class EMA:
         self.updates += 1
 
 
-def make_model(cfg: TrainConfig, dim: int, device) -> torch.nn.Module:
+def make_model(cfg: TrainConfig, dim: int, device, alphas_cumprod: Optional[torch.Tensor] = None) -> torch.nn.Module:
+    """The demo's MLP eps-denoiser, initialised from cfg.seed; v-parameterised (needs `alphas_cumprod`) unless
+    cfg.parameterization == "eps"."""
+    if cfg.parameterization not in ("v", "eps"):
+        raise ValueError(f"parameterization must be 'v' or 'eps', got {cfg.parameterization!r}")
+    if cfg.parameterization == "v" and alphas_cumprod is None:
+        raise ValueError("a v-parameterised model needs alphas_cumprod (its eps = sqrt(abar) F + sqrt(1 - abar) x_t)")
     torch.manual_seed(cfg.seed)
-    return MLPDenoiser(dim=dim, hidden=cfg.hidden, depth=cfg.depth).to(device)
+    return MLPDenoiser(dim=dim, hidden=cfg.hidden, depth=cfg.depth,
+                       alphas_cumprod=alphas_cumprod if cfg.parameterization == "v" else None).to(device)
 
 
 def _loss_kwargs(spec: Dict, cfg: TrainConfig) -> Dict:
@@ -153,7 +161,7 @@ def train_method(name: str, data: torch.Tensor, alphas_cumprod, cfg: TrainConfig
     if finetune and init_state is None:
         raise ValueError(f"method {name!r} fine-tunes a trained model: pass init_state (the standard model's weights)")
     device = data.device
-    model = make_model(cfg, data.shape[1], device)
+    model = make_model(cfg, data.shape[1], device, alphas_cumprod)
     if init_state is not None:
         model.load_state_dict(init_state)
     total = cfg.ft_steps if finetune else cfg.steps
@@ -191,7 +199,7 @@ def time_steps(names: List[str], data: torch.Tensor, alphas_cumprod, cfg: TrainC
     one model (`model`, default make_model(cfg)) so machine drift hits every method alike. FreeReplay's time is
     divided by its replays."""
     device = data.device
-    base = model if model is not None else make_model(cfg, data.shape[1], device)
+    base = model if model is not None else make_model(cfg, data.shape[1], device, alphas_cumprod)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 3)
     x0 = data[: cfg.batch]
     fns, per = {}, {}

@@ -93,7 +93,8 @@ def load_digits_split(device) -> Dict[str, torch.Tensor]:
 def _train_cfg(cfg: DigitsConfig, seed: int, **overrides):
     from ..demo.train import TrainConfig
 
-    base = TrainConfig(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, hidden=cfg.hidden, depth=cfg.depth, seed=seed)
+    base = TrainConfig(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, hidden=cfg.hidden, depth=cfg.depth, seed=seed,
+                       parameterization="eps")  # the model is _make_model's eps-MLP
     return replace(base, **overrides)
 
 
