@@ -136,7 +136,7 @@ def test_v_parameterised_mlp_returns_eps_from_v():
     torch.testing.assert_close(model(x_t, t), eps, rtol=1e-5, atol=1e-5)
     assert not any(k in model.state_dict() for k in ("signal", "noise"))  # derived from the schedule, not saved
     with pytest.raises(ValueError, match="alphas_cumprod"):
-        MLPDenoiser(alphas_cumprod=torch.tensor([0.5, 0.0]))
+        MLPDenoiser(alphas_cumprod=torch.tensor([0.5, 1.5]))
     with pytest.raises(ValueError, match="alphas_cumprod"):
         make_model(TrainConfig(hidden=4, depth=1), 2, "cpu")
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
+
+from ..schedules import alphas_cumprod_of
 
 
 def sinusoidal_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -21,13 +22,13 @@ class MLPDenoiser(nn.Module):
     """eps_theta(x_t, t) from F = concat(x_t, emb(t)) -> [Linear -> SiLU] x depth -> Linear(dim).
 
     Called as model(x_t, timesteps) with x_t [B, dim] and integer timesteps [B] (fastat's convention); it always
-    returns eps. Without `alphas_cumprod` the network's output F is eps itself. With it, F is read as
+    returns eps. Without `alphas_cumprod` (a 1-D table or a scheduler with one) the network's output F is eps itself. With it, F is read as
     v = a_t eps - s_t x0 (a_t = sqrt(abar_t), s_t = sqrt(1 - abar_t)) and returned as eps = a_t F + s_t x_t: the same
     function class and the same eps-MSE loss, but an error in F moves the sampler's x0 estimate by s_t |dF| instead
     of (s_t / a_t) |dF|, which matters at large t where a_t is ~0.01-0.1 (the demo's mode weights are decided there)."""
 
     def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, embed_dim: int = 32,
-                 alphas_cumprod: Optional[torch.Tensor] = None):
+                 alphas_cumprod=None):
         super().__init__()
         if depth < 1 or hidden < 1 or embed_dim < 2:
             raise ValueError(f"need depth >= 1, hidden >= 1, embed_dim >= 2; got {depth}, {hidden}, {embed_dim}")
@@ -41,10 +42,8 @@ class MLPDenoiser(nn.Module):
         self.net = nn.Sequential(*layers)
         self.v_parameterized = alphas_cumprod is not None
         if self.v_parameterized:
-            ab = torch.as_tensor(alphas_cumprod).detach().to(device="cpu", dtype=torch.float64)
-            if ab.ndim != 1 or ab.numel() == 0 or not bool(((ab > 0) & (ab <= 1)).all()):
-                raise ValueError("alphas_cumprod must be a non-empty 1-D tensor with values in (0, 1]")
-            # coefficients in float64, stored as float32 buffers (they follow the model's device)
+            ab = alphas_cumprod_of(alphas_cumprod).detach().cpu()  # the training loops' table check, in float64
+            # stored as float32 buffers (they follow the model's device): no per-call check or host sync
             self.register_buffer("signal", ab.sqrt().float(), persistent=False)
             self.register_buffer("noise", (1 - ab).sqrt().float(), persistent=False)
 
